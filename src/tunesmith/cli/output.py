@@ -1,0 +1,62 @@
+"""What the CLI prints after each stage: short summaries and where every artifact went."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console()
+
+
+def prepared(run_dir: Path) -> None:
+    from tunesmith.registry.run_dir import read_manifest
+
+    data = read_manifest(run_dir)["data"]
+    tokens = data["tokens"]["train"]
+    console.print(
+        f"[bold green]prepared[/] {run_dir}: {data['rows']['train']} train / {data['rows']['validation']} validation rows, "
+        f"{tokens['total']:,} train tokens ({tokens['trained_share']:.0%} trained), "
+        f"{tokens['truncated_examples']} truncated; data hash {data['dataset_hash'][:12]}"
+    )
+
+
+def show_mask(run_dir: Path, config, count: int) -> None:
+    from tunesmith.data.mask_view import mask_legend, masked_example_text
+    from tunesmith.data.prepare import read_split
+    from tunesmith.models import load_tokenizer
+    from tunesmith.registry.run_dir import read_manifest
+
+    tokenizer = load_tokenizer(read_manifest(run_dir)["base_model"]["source"])
+    console.print("[bold]Loss mask[/]: [bold green on grey11]highlighted[/] tokens are trained, [dim]dim[/] ones are not.")
+    for example in read_split(run_dir, "train")[:count]:
+        messages = [m.model_dump() for m in example.messages]
+        console.rule(f"line {example.source_line}")
+        console.print(masked_example_text(tokenizer, messages, config.data.max_length))
+        console.print(f"[italic]{mask_legend(tokenizer, messages, config.data.max_length)}[/]")
+
+
+def trained(run_dir: Path, section: dict) -> None:
+    metrics = section["metrics"]
+    console.print(
+        f"[bold green]trained[/] {section['method']} ({section['precision']}, {section['threads']} threads): "
+        f"{metrics['steps']} steps, train loss {metrics['train_loss']}, validation loss {metrics['validation_loss']}, "
+        f"{metrics['tokens_per_second']:,} tokens/s, {section['wall_time_s']} s -> {Path(run_dir) / section['adapter_dir']}"
+    )
+
+
+def evaluated(run_dir: Path, report: dict) -> None:
+    from tunesmith.evaluate.report import terminal_table
+
+    console.print(terminal_table(report))
+    console.print(f"[bold green]report[/] {Path(run_dir) / 'eval' / 'report.md'}")
+
+
+def artifacts(run_dir: Path) -> None:
+    run_dir = Path(run_dir)
+    console.print("[bold]Artifacts[/]")
+    for label, rel in [("run directory", ""), ("manifest", "manifest.json"), ("resolved config", "config.yaml"),
+                       ("data splits", "data/"), ("adapter", "adapter/"), ("report (markdown)", "eval/report.md"),
+                       ("report (JSON)", "eval/report.json"), ("predictions", "eval/predictions.jsonl")]:
+        console.print(f"  {label:<18} {run_dir / rel}")
+    console.print(f"  serve it with      tunesmith serve {run_dir}")

@@ -1,0 +1,1 @@
+"""Data stage: formats, validation, splitting, chat templates."""

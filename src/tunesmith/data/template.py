@@ -1,0 +1,82 @@
+"""Applying the model's chat template and marking which tokens are trained.
+
+Trained tokens are the assistant turns *including* the end-of-turn token the template writes after
+them (so the model learns to stop), and nothing else: not the system/user turns, not the template's
+role headers, not the whitespace after the end-of-turn token, not padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from tunesmith.errors import TunesmithError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as text, exactly as the model's chat template writes it."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def template_fingerprint(tokenizer) -> str:
+    """Short hash of the chat template; training, evaluation and serving must agree on it."""
+    return hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:16]
+
+
+def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Rendered text and the character spans of each assistant answer plus its end-of-turn marker."""
+    text = render(tokenizer, messages)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = render(tokenizer, messages[:index], add_generation_prompt=True)
+        upto = render(tokenizer, messages[: index + 1])
+        if not (text.startswith(upto) and upto.startswith(prefix)):
+            raise TunesmithError(
+                "the chat template does not render conversations prefix by prefix, so assistant turns "
+                "cannot be located; use a model whose template appends turns in order"
+            )
+        end = len(upto.rstrip())  # the newline after the end-of-turn token is template glue, not output
+        spans.append((len(prefix), end))
+    return text, spans
+
+
+def tokenize_example(tokenizer, messages: list[dict], max_length: int) -> TokenizedExample:
+    """Token ids and labels with everything but the assistant answers (and their end-of-turn) masked."""
+    text, spans = assistant_char_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for position, (start, end) in enumerate(encoded["offset_mapping"]):
+        if end > start and any(start < e and end > s for s, e in spans):
+            labels[position] = ids[position]
+    return TokenizedExample(input_ids=ids[:max_length], labels=labels[:max_length])
+
+
+def end_of_turn_token_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the EOS token plus the template's own end-of-turn token."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    example = tokenize_example(tokenizer, probe, max_length=10_000)
+    trained = [t for t, label in zip(example.input_ids, example.labels) if label != -100]
+    stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    if trained and trained[-1] in tokenizer.all_special_ids:
+        stops.add(trained[-1])
+    return sorted(stops)
+
+
+def generation_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Prompt token ids for generation, ending with the template's assistant header."""
+    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]

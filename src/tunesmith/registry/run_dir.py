@@ -1,0 +1,88 @@
+"""The run directory: the files through which stages talk, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+from tunesmith.errors import TunesmithError
+
+MANIFEST = "manifest.json"
+LIBRARIES = ("tunesmith", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TunesmithError(f"{path} not found; run the earlier stage first") from None
+    except json.JSONDecodeError as exc:
+        raise TunesmithError(f"{path}:{exc.lineno}: damaged JSON ({exc.msg}); re-run the stage that wrote it") from None
+
+
+@contextmanager
+def staged_dir(final: Path):
+    """Yield a temporary folder next to `final`; on success it replaces `final`, on error it vanishes."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        yield staging
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_manifest(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    if not (run_dir / MANIFEST).is_file():
+        raise TunesmithError(f"{run_dir} is not a tunesmith run directory (no {MANIFEST}); run `tunesmith prepare CONFIG` first")
+    return read_json(run_dir / MANIFEST)
+
+
+def update_manifest(run_dir: Path, section: str, data: dict) -> dict:
+    """Set one stage's section of the run manifest (atomic rewrite)."""
+    path = Path(run_dir) / MANIFEST
+    manifest = read_json(path) if path.is_file() else {}
+    manifest[section] = data
+    manifest.setdefault("environment", environment())
+    write_json_atomic(path, manifest)
+    return manifest
+
+
+def environment() -> dict:
+    """Python, platform and library versions, for lineage."""
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "libraries": versions}

@@ -1,0 +1,38 @@
+"""A rich progress bar for training: steps, live loss, tokens per second, time left."""
+
+from __future__ import annotations
+
+import time
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import TrainerCallback
+
+
+class RichProgressCallback(TrainerCallback):
+    def __init__(self):
+        self.progress: Progress | None = None
+        self.task = None
+        self.started = 0.0
+        self.loss = float("nan")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]} tok/s"), TimeRemainingColumn(), transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, loss="-", speed="-")
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.progress.update(self.task, completed=state.global_step,
+                             speed=f"{state.num_input_tokens_seen / elapsed:,.0f}")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and self.progress:
+            self.progress.update(self.task, loss=f"{logs['loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress:
+            self.progress.stop()

@@ -1,0 +1,95 @@
+"""Shared fixtures: an isolated tunesmith home and a tiny chat model built from scratch (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "Extract the order as JSON with keys item, quantity, color, city.",
+    '{"item": "mug", "quantity": 3, "color": "blue", "city": "Denver"}',
+    "Please send three red lamps to Lisbon. Hello world, how are you today?",
+    "system user assistant You are a helpful assistant.",
+]
+
+
+def build_tiny_model(target: Path) -> Path:
+    """A 2-layer Llama with a byte-level BPE tokenizer and a ChatML template, saved as a HF folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(CORPUS * 20, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Each test gets its own TUNESMITH_HOME, except that the converted default model is shared."""
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def order_rows(count: int) -> list[dict]:
+    colors, cities, items = ["red", "blue", "green"], ["Denver", "Lisbon", "Osaka", "Oslo"], ["mug", "lamp", "hat"]
+    rows = []
+    for n in range(count):
+        item, color, city = items[n % 3], colors[(n // 3) % 3], cities[(n // 9) % 4]
+        rows.append({"messages": [
+            {"role": "user", "content": f"Send {n % 7 + 1} {color} {item} to {city} (ref {n})"},
+            {"role": "assistant", "content": json.dumps({"item": item, "quantity": n % 7 + 1, "color": color,
+                                                         "city": city})},
+        ]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_model_dir) -> Path:
+    """A YAML config that trains the tiny model for a few steps on 40 order rows."""
+    data = write_jsonl(tmp_path / "orders.jsonl", order_rows(40))
+    config = {
+        "name": "tiny", "base_model": str(tiny_model_dir), "output_dir": str(tmp_path / "runs"),
+        "data": {"train": str(data), "validation_fraction": 0.2, "max_length": 128},
+        "train": {"max_steps": 4, "batch_size": 4, "logging_steps": 1, "precision": "fp32",
+                  "lora": {"r": 4, "alpha": 8}},
+        "evaluate": {"max_new_tokens": 8, "batch_size": 4, "json_output": True},
+    }
+    import yaml
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path

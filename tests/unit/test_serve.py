@@ -1,0 +1,193 @@
+"""The OpenAI-compatible server on a tiny trained run, driven by the official `openai` client over loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import yaml
+from conftest import order_rows, write_jsonl
+
+from tunesmith.errors import TunesmithError
+from tunesmith.serve.app import build_app
+from tunesmith.serve.engine import ServingEngine
+from tunesmith.serve.protocol import ChatCompletionRequest
+
+PROMPT = [{"role": "user", "content": "Send 3 blue mug to Denver (ref 7)"}]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir):
+    """A prepared and 4-step-trained run of the tiny model, shared by this module's tests."""
+    from tunesmith.config import load_config
+    from tunesmith.data.prepare import prepare
+    from tunesmith.train.sft import train_sft
+
+    root = tmp_path_factory.mktemp("serve-run")
+    data = write_jsonl(root / "orders.jsonl", order_rows(40))
+    config = {"name": "orders", "base_model": str(tiny_model_dir), "output_dir": str(root / "runs"),
+              "data": {"train": str(data), "validation_fraction": 0.2, "max_length": 128},
+              "train": {"max_steps": 4, "batch_size": 4, "precision": "fp32", "lora": {"r": 4, "alpha": 8}}}
+    (root / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    config = load_config(root / "config.yaml")
+    run = prepare(config)
+    train_sft(run, config)
+    return run
+
+
+@pytest.fixture(scope="module")
+def engine(run_dir):
+    return ServingEngine.from_run_dir(run_dir, default_max_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def server_url(engine):
+    """The app under uvicorn in a background thread, on a free loopback port."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server_url):
+    return openai.OpenAI(base_url=f"{server_url}/v1", api_key="x", max_retries=0)
+
+
+def test_lists_the_adapter_under_the_run_name_and_the_base_under_its_folder_name(client, engine, tiny_model_dir):
+    names = [model.id for model in client.models.list()]
+    assert names == ["orders", tiny_model_dir.name] == engine.list_models()
+
+
+@pytest.mark.parametrize("which", ["adapter", "base"])
+def test_chat_completion_has_the_openai_shape(client, engine, which):
+    model = engine.adapter_name if which == "adapter" else engine.base_name
+    reply = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=6, temperature=0)
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-") and reply.model == model
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in {"stop", "length"}
+    assert reply.usage.prompt_tokens > 0 and 0 < reply.usage.completion_tokens <= 6
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_streamed_deltas_add_up_to_the_greedy_reply(client, engine):
+    request = dict(model=engine.adapter_name, messages=PROMPT, max_tokens=12, temperature=0)
+    whole = client.chat.completions.create(**request)
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len(chunks) >= 4 and len({chunk.id for chunk in chunks}) == 1
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_stream_usage_chunk_when_asked(client, engine):
+    chunks = list(client.chat.completions.create(model=engine.base_name, messages=PROMPT, max_tokens=5,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and 0 < chunks[-1].usage.completion_tokens <= 5
+
+
+def test_unknown_model_is_a_404_naming_the_served_models(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-4o", messages=PROMPT)
+    error = caught.value.body
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "gpt-4o" in error["message"] and "orders" in error["message"]
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "orders", "messages": "hello"},
+    {"model": "orders", "messages": [{"role": "user", "content": "hi"}], "n": 2},
+    {"model": "orders", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+    {"messages": [{"role": "user", "content": "hi"}]},
+])
+def test_malformed_requests_are_400_with_an_openai_error(server_url, body):
+    response = httpx.post(f"{server_url}/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_non_json_body_and_unknown_routes_still_answer_in_json(server_url):
+    garbled = httpx.post(f"{server_url}/v1/chat/completions", content=b"{not json",
+                         headers={"content-type": "application/json"})
+    missing = httpx.get(f"{server_url}/v1/nothing")
+    assert garbled.status_code == 400 and "error" in garbled.json()
+    assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_health_names_the_models(server_url, engine):
+    assert httpx.get(f"{server_url}/health").json() == {"status": "ok", "models": engine.list_models()}
+
+
+def test_stop_strings_cut_the_reply(engine):
+    request = ChatCompletionRequest(model=engine.base_name, messages=PROMPT, max_tokens=12, temperature=0)
+    full = engine.generate(request)
+    assert full.finish_reason == "length" and full.completion_tokens == 12 and len(full.text) >= 3
+    stop = full.text[len(full.text) // 2:][:2]
+    cut = engine.generate(request.model_copy(update={"stop": [stop]}))
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+    streamed = "".join(d.text for d in engine.stream(request.model_copy(update={"stop": stop})))
+    assert streamed == cut.text
+
+
+def test_seeded_sampling_repeats(engine):
+    request = ChatCompletionRequest(model=engine.base_name, messages=PROMPT, max_tokens=10, temperature=1.5, seed=3)
+    assert engine.generate(request).text == engine.generate(request).text
+
+
+def test_choosing_the_base_switches_the_adapter_off(run_dir):
+    """With the adapter's weights made large, the base must still match the plain base model exactly."""
+    import torch
+
+    from tunesmith.data.template import generation_prompt_ids
+    from tunesmith.models import load_model
+
+    engine = ServingEngine.from_run_dir(run_dir, device="cpu")
+    with torch.no_grad():
+        for name, param in engine.model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.5)
+    ids = torch.tensor([generation_prompt_ids(engine.tokenizer, PROMPT)])
+    with torch.no_grad():
+        with engine.using(engine.base_name) as model:
+            base = model(input_ids=ids).logits
+        with engine.using(engine.adapter_name) as model:
+            adapted = model(input_ids=ids).logits
+        plain = load_model(json.loads((run_dir / "manifest.json").read_text())["base_model"]["source"])(ids).logits
+    torch.testing.assert_close(base, plain)
+    assert (adapted - plain).abs().max() > 0.1  # the adapter really is on when its name is chosen
+    request = ChatCompletionRequest(model=engine.base_name, messages=PROMPT, max_tokens=8)
+    assert engine.generate(request).text != engine.generate(request.model_copy(update={"model": "orders"})).text
+
+
+def test_untrained_run_serves_the_base_alone(run_dir, tmp_path, tiny_model_dir):
+    copy = shutil.copytree(run_dir, tmp_path / "untrained")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["train"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert ServingEngine.from_run_dir(copy).list_models() == [tiny_model_dir.name]
+
+
+def test_a_changed_chat_template_is_refused(run_dir, tmp_path):
+    copy = shutil.copytree(run_dir, tmp_path / "changed")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["data"]["chat_template_sha"] = "0" * 16
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TunesmithError, match="chat template"):
+        ServingEngine.from_run_dir(copy)

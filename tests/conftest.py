@@ -41,7 +41,8 @@ def build_tiny_model(target: Path) -> Path:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+                         initializer_range=0.3)  # large enough that logits can move far from uniform
     LlamaForCausalLM(config).save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target

@@ -121,14 +121,7 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise TunesmithError(f"config file not found: {path} (pass the path to a YAML file such as configs/quickstart.yaml)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise TunesmithError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise TunesmithError(f"{path}: the config must be a YAML mapping of option: value")
+    raw = _read_yaml(path)
     for item in overrides:
         apply_override(raw, item)
     _resolve_data_paths(raw, path.parent)
@@ -140,7 +133,7 @@ def load_run_config(run_dir: Path | str, overrides: list[str] | tuple[str, ...] 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise TunesmithError(f"{run_dir} is not a tunesmith run directory (no config.yaml); run `tunesmith prepare CONFIG` first")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    raw = _read_yaml(path)
     for item in overrides:
         apply_override(raw, item)
     return validate_config(raw, source=str(path))
@@ -160,6 +153,18 @@ def apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
 
 
+def _read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise TunesmithError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise TunesmithError(f"{path}: the config must be a YAML mapping of option: value")
+    return raw
+
+
 def validate_config(raw: dict, source: str = "config") -> RunConfig:
     """Validate a config dict; every problem is reported with its dotted key and a hint."""
     try:
@@ -174,7 +179,8 @@ def _describe_error(err: dict) -> str:
     key = ".".join(loc)
     if err["type"] == "extra_forbidden":
         known = _known_keys(loc[:-1])
-        close = difflib.get_close_matches(loc[-1], known, n=1)
+        close = difflib.get_close_matches(loc[-1], known, n=1) or [
+            k for k in known if loc[-1].startswith(k) or k.startswith(loc[-1])][:1]
         hint = f"did you mean {'.'.join(loc[:-1] + close)!r}?" if close else f"known keys here: {', '.join(known)}"
         return f"{key}: unknown option; {hint}"
     return f"{key}: {err['msg']} (got {err.get('input')!r})"

@@ -34,21 +34,19 @@ def read_examples(path: Path, fmt: str = "auto", system_prompt: str | None = Non
         raise TunesmithError(f"data file not found: {path} (check data.train / data.validation in the config)")
     examples, errors = [], []
     detected = None if fmt == "auto" else fmt
-    with path.open("r", encoding="utf-8", errors="strict", newline=None) as handle:
-        line_no = 0
-        try:
-            for line_no, line in enumerate(handle, start=1):
-                line = line.lstrip("\ufeff").strip()
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8").lstrip("\ufeff").strip()
                 if not line:
                     continue
-                try:
-                    example, detected = _parse_line(line, detected, fmt == "auto", system_prompt)
-                    example.source_line = line_no
-                    examples.append(example)
-                except ValueError as exc:
-                    errors.append(f"{path}:{line_no}: {exc}")
-        except UnicodeDecodeError:
-            raise TunesmithError(f"{path}:{line_no + 1}: not valid UTF-8 text; re-save the file as UTF-8") from None
+                example, detected = _parse_line(line, detected, fmt == "auto", system_prompt)
+                example.source_line = line_no
+                examples.append(example)
+            except UnicodeDecodeError as exc:
+                errors.append(f"{path}:{line_no}: not valid UTF-8 text (byte {exc.start + 1}); re-save the file as UTF-8")
+            except ValueError as exc:
+                errors.append(f"{path}:{line_no}: {exc}")
     if errors:
         shown = "\n  ".join(errors[:MAX_ERRORS_SHOWN])
         more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
@@ -63,6 +61,8 @@ def _parse_line(line: str, detected: str | None, auto: bool, system_prompt: str 
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to be a training example") from None
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     found = detect_format(record)
@@ -89,7 +89,7 @@ def _to_chat(record: dict, fmt: str, system_prompt: str | None) -> ChatExample:
         messages = _pair(record.get("system"), record["prompt"], record["completion"], ("prompt", "completion"))
     else:
         prompt = _text(record["instruction"], "instruction")
-        extra = _text(record.get("input") or "", "input", allow_empty=True)
+        extra = _text(record.get("input", ""), "input", allow_empty=True)
         prompt = f"{prompt}\n\n{extra}" if extra else prompt
         messages = _pair(record.get("system"), prompt, record["output"], ("instruction", "output"))
     if system_prompt and messages[0].role != "system":
@@ -98,7 +98,7 @@ def _to_chat(record: dict, fmt: str, system_prompt: str | None) -> ChatExample:
 
 
 def _pair(system, prompt, answer, names: tuple[str, str]) -> list[ChatMessage]:
-    messages = [ChatMessage(role="system", content=_text(system, "system"))] if system else []
+    messages = [ChatMessage(role="system", content=_text(system, "system"))] if system is not None else []
     messages.append(ChatMessage(role="user", content=_text(prompt, names[0])))
     messages.append(ChatMessage(role="assistant", content=_text(answer, names[1])))
     return messages

@@ -46,7 +46,16 @@ class LoraConfig(_Section):
     """Modules that get adapters: `all-linear` or a list of module names such as [q_proj, v_proj]."""
 
 
+class PreferenceConfig(_Section):
+    beta: float = 0.1
+    """DPO/KTO beta: how far the policy may move from the reference (higher stays closer)."""
+    parent_run: Path | None = None
+    """Earlier run directory whose adapter this run continues from and uses as the reference (else: the base model)."""
+
+
 class TrainConfig(_Section):
+    method: Literal["sft", "dpo", "kto"] = "sft"
+    """`sft` on chat examples, or preference tuning on chosen/rejected pairs: `dpo`, or `kto` (also takes unpaired labels)."""
     epochs: float = 2.0
     """Passes over the training split."""
     learning_rate: float = 2e-4
@@ -69,6 +78,8 @@ class TrainConfig(_Section):
     """CPU threads for PyTorch; default: all physical cores."""
     lora: LoraConfig = LoraConfig()
     """LoRA adapter settings."""
+    preference: PreferenceConfig = PreferenceConfig()
+    """Preference tuning settings (methods `dpo` and `kto`)."""
 
 
 class EvaluateConfig(_Section):

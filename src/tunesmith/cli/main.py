@@ -27,12 +27,11 @@ def run(config: ConfigArg, overrides: Overrides = None, overwrite: Overwrite = F
     from tunesmith.config import load_config
     from tunesmith.data.prepare import prepare
     from tunesmith.evaluate.run import evaluate_run
-    from tunesmith.train.sft import train_sft
 
     settings = load_config(config, overrides or [])
     run_dir = prepare(settings, overwrite=overwrite)
     output.prepared(run_dir)
-    output.trained(run_dir, train_sft(run_dir, settings))
+    output.trained(run_dir, _train_stage(run_dir, settings))
     output.evaluated(run_dir, evaluate_run(run_dir, settings))
     output.artifacts(run_dir)
 
@@ -59,9 +58,19 @@ def train(run_dir: RunDirArg, overrides: Overrides = None) -> None:
     """Train a LoRA adapter on a prepared run directory."""
     from tunesmith.cli import output
     from tunesmith.config import load_run_config
-    from tunesmith.train.sft import train_sft
 
-    output.trained(run_dir, train_sft(run_dir, load_run_config(run_dir, overrides or [])))
+    output.trained(run_dir, _train_stage(run_dir, load_run_config(run_dir, overrides or [])))
+
+
+def _train_stage(run_dir: Path, settings) -> dict:
+    """The training entry point for `train.method`: SFT, or preference tuning (DPO, KTO)."""
+    if settings.train.method == "sft":
+        from tunesmith.train.sft import train_sft
+
+        return train_sft(run_dir, settings)
+    from tunesmith.train.preference import train_preference
+
+    return train_preference(run_dir, settings)
 
 
 @app.command()
@@ -97,6 +106,26 @@ def chat(
     from tunesmith.cli.chat import chat_loop
 
     chat_loop(run_dir, model)
+
+
+@app.command()
+def plan(
+    config: ConfigArg, overrides: Overrides = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, or a device size such as cuda:80GB or cpu:16GB.")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plans as JSON.")] = False,
+) -> None:
+    """Estimate training memory (weights, gradients, optimizer, activations, LoRA) for full/LoRA/QLoRA and whether it fits."""
+    from tunesmith.cli.plan_view import plans_json, print_plans
+    from tunesmith.config import load_config
+    from tunesmith.train.planner import parse_device, plan_memory
+
+    settings = load_config(config, overrides or [])
+    target = parse_device(device)
+    plans = plan_memory(settings, target)
+    if as_json:
+        typer.echo(plans_json(plans, target))
+    else:
+        print_plans(plans, target, settings)
 
 
 @app.command("fetch-model")

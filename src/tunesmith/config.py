@@ -20,13 +20,49 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
+DataFormat = Literal["auto", "chat", "prompt_completion", "alpaca", "sharegpt", "preference", "openai_dpo", "unpaired"]
+
+
+class DataSourceConfig(_Section):
+    path: Path
+    """Data file (.jsonl, .json, .csv, .parquet) or saved Hugging Face dataset folder mixed into the pool."""
+    weight: float = 1.0
+    """Share of this source's rows in the training split: 2 repeats each row, 0.5 keeps half (chosen by content hash)."""
+
+
 class DataConfig(_Section):
     train: Path
-    """JSONL file of training examples (chat `messages`, `prompt`/`completion`, or alpaca `instruction`/`input`/`output`)."""
+    """Training data: .jsonl, .json, .csv, .parquet or a saved Hugging Face dataset folder, in any supported format."""
     validation: Path | None = None
-    """Optional JSONL file of held-out examples; when absent, a slice of `train` is held out by content hash."""
-    format: Literal["auto", "chat", "prompt_completion", "alpaca"] = "auto"
-    """Input format; `auto` detects it from the first record and requires every line to agree."""
+    """Optional file of held-out examples; when absent, a slice of the pool is held out by content hash."""
+    sources: list[DataSourceConfig] = []
+    """More files mixed into the pool with `train`, each with its own weight."""
+    format: DataFormat = "auto"
+    """Input format; `auto` detects it per file (mixed or ambiguous files are errors that name the lines)."""
+    mode: Literal["strict", "lenient"] = "strict"
+    """`strict` stops on the first kind of bad row, naming its lines; `lenient` drops bad rows and says why (data/dropped.jsonl)."""
+    clean: bool = True
+    """Normalize Unicode (NFC), line endings, control characters and surrounding whitespace in every text field."""
+    dedup: Literal["near", "exact", "off"] = "near"
+    """Drop duplicates, keeping one per cluster: `exact` (same normalized text), `near` (MinHash LSH, plus exact), `off`."""
+    near_duplicate_threshold: float = 0.8
+    """Estimated Jaccard similarity of word 3-grams at which two rows count as near duplicates."""
+    minhash_permutations: int = 64
+    """MinHash signature length: more is more precise and slower."""
+    leakage: Literal["remove", "flag"] = "remove"
+    """Held-out rows that (nearly) duplicate a training row: `remove` them, or only `flag` them in the report."""
+    stratify_by: str | None = None
+    """Record field (such as `label`) whose values each get the validation fraction when splitting."""
+    redact_pii: bool = False
+    """Replace emails, phone numbers, card numbers (Luhn-checked), IP addresses and API keys/secrets with [KIND]."""
+    benchmark_files: list[Path] = []
+    """Benchmark files that must not overlap the training data; the pre-flight check fails if they do."""
+    num_proc: int | None = None
+    """Worker processes for parsing, cleaning and hashing; default: all cores for inputs over 20 MB, else one."""
+    token_stats_rows: int = 20000
+    """Token statistics are exact up to this many rows per split, estimated from a content-hash sample above it."""
+    preflight_examples: int = 3
+    """Training examples rendered and mask-checked by the pre-flight check."""
     validation_fraction: float = 0.15
     """Share of examples held out for validation when no `validation` file is given (0 < x < 1)."""
     max_length: int = 1024
@@ -44,6 +80,8 @@ class LoraConfig(_Section):
     """Dropout on the LoRA input; 0 is fastest and fine for small datasets."""
     target_modules: str | list[str] = "all-linear"
     """Modules that get adapters: `all-linear` or a list of module names such as [q_proj, v_proj]."""
+    rslora: bool = False
+    """Rank-stabilized LoRA: scale by alpha / sqrt(r) instead of alpha / r (keeps high ranks learning)."""
 
 
 class PreferenceConfig(_Section):
@@ -58,28 +96,82 @@ class TrainConfig(_Section):
     """`sft` on chat examples, or preference tuning on chosen/rejected pairs: `dpo`, or `kto` (also takes unpaired labels)."""
     epochs: float = 2.0
     """Passes over the training split."""
+    adapter: Literal["lora", "dora", "qlora", "full"] = "lora"
+    """What SFT trains: a LoRA adapter, DoRA (weight-decomposed LoRA), QLoRA (LoRA on a 4-bit NF4 base; CUDA + bitsandbytes only), or every weight (`full`)."""
     learning_rate: float = 2e-4
-    """Peak learning rate (AdamW), reached after warmup and decayed linearly to zero."""
+    """Peak learning rate (AdamW), reached after warmup, then decayed by `lr_scheduler`."""
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warmup: to zero linearly, along a cosine, or not at all."""
     batch_size: int = 8
-    """Examples per optimizer step on one device (before gradient accumulation)."""
+    """Examples per optimizer step across all processes, per micro-batch (the global batch is batch_size x grad_accum)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
     warmup_ratio: float = 0.05
     """Share of steps spent warming the learning rate up from zero."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """`auto` uses bf16 autocast where the CPU/GPU supports it, else fp32."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """`auto` uses bf16 autocast where the CPU/GPU supports it, else fp32; `fp16` (CUDA only) adds loss scaling."""
+    packing: bool = True
+    """Padding-free batches: a micro-batch's examples are concatenated into one row whose position ids restart per example, so no example attends to another."""
+    gradient_checkpointing: bool = False
+    """Recompute activations during the backward pass: less memory, about a third slower."""
+    compile: bool = False
+    """Compile the model with `torch.compile` (minutes of warm-up; pays off only on long runs)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides `epochs`); handy for smoke tests."""
     logging_steps: int = 5
     """Record the training loss every N optimizer steps."""
+    eval_steps: int | None = None
+    """Validation loss every N optimizer steps (recorded as the validation curve); default: four times per run."""
+    early_stopping_patience: int | None = None
+    """Stop when validation loss has not improved for this many evaluations in a row; unset: never stop early."""
+    checkpoint_steps: int = 50
+    """Write a resumable checkpoint every N optimizer steps (0: only when stopped by SIGTERM)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept; older ones are deleted."""
+    init_from: Path | None = None
+    """Earlier run directory whose trained adapter (or fully tuned model) this run continues from; recorded as its parent."""
     threads: int | None = None
-    """CPU threads for PyTorch; default: all physical cores."""
+    """CPU threads for PyTorch; default: every core this process may use."""
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    """How several processes (`tunesmith train --nproc N`) share the work: data parallel, FSDP full sharding, or DeepSpeed ZeRO (GPU clusters)."""
+    deepspeed_config: Path | None = None
+    """DeepSpeed JSON config (ZeRO stage, offload) for `distributed: deepspeed`; unset: ZeRO-2 with accelerate's defaults."""
     lora: LoraConfig = LoraConfig()
     """LoRA adapter settings."""
     preference: PreferenceConfig = PreferenceConfig()
     """Preference tuning settings (methods `dpo` and `kto`)."""
+
+
+DEFAULT_JUDGE_RUBRIC = ("Which answer follows the instruction better? Judge correctness first, then completeness "
+                        "and format. Prefer the answer that matches the reference when one is given.")
+
+
+class JudgeConfig(_Section):
+    base_url: str | None = None
+    """OpenAI-compatible endpoint of the judge model (such as http://127.0.0.1:8000/v1 from `tunesmith serve`); unset: no judge."""
+    model: str = ""
+    """Model name sent to the judge endpoint."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the judge's API key (a placeholder is sent when it is unset)."""
+    rubric: str = DEFAULT_JUDGE_RUBRIC
+    """What the judge is told to prefer; it answers A, B or TIE for each pair, asked twice with the answers swapped."""
+    max_examples: int = 50
+    """Judge at most this many examples per candidate (two requests each)."""
+    timeout_s: float = 60.0
+    """Seconds to wait for one judge reply."""
+
+
+class HarnessConfig(_Section):
+    tasks: list[str] = []
+    """lm-evaluation-harness task names to run on every model (needs the `harness` extra); empty: none."""
+    include_path: Path | None = None
+    """Folder of lm-evaluation-harness task YAML files whose data are local files (no hub is reached)."""
+    limit: int | None = None
+    """Run at most this many documents per task."""
+    num_fewshot: int | None = None
+    """Few-shot examples per prompt (the task's default when unset)."""
 
 
 class EvaluateConfig(_Section):
@@ -90,9 +182,33 @@ class EvaluateConfig(_Section):
     batch_size: int = 16
     """Prompts generated together (left-padded batch with KV cache)."""
     json_output: bool = False
-    """The task answers in JSON: report JSON validity and compare parsed objects for exact match."""
+    """The task answers in JSON: report JSON validity, per-field accuracy, and compare parsed objects for exact match."""
+    json_schema: Path | None = None
+    """JSON schema file every answer must conform to (reported as `json_schema`)."""
+    labels: list[str] = []
+    """Classification label set: reports `accuracy` and `macro_f1` of the label each answer names."""
+    regex: str | None = None
+    """Regular expression the whole answer must match (reported as `regex_match`)."""
+    custom_metrics: list[str] = []
+    """Your metric functions, `path/to/file.py:name` or `module:name`, each called as name(prediction, reference) -> number."""
     compare_base: bool = True
     """Also evaluate the base model on the same examples, side by side."""
+    confidence: float = 0.95
+    """Confidence level of the paired-bootstrap intervals."""
+    bootstrap_samples: int = 2000
+    """Resamples for the paired bootstrap and the paired permutation test."""
+    show_differences: int = 5
+    """Examples shown per comparison where the two models differ most."""
+    general_check: bool = True
+    """Forgetting check: perplexity on shipped general text and accuracy on shipped general questions, for every model."""
+    overfit_tolerance: float = 0.10
+    """Flag overfitting when validation loss ends this fraction above its best while training loss kept falling."""
+    gates: list[str] = []
+    """Pass/fail rules such as `exact_match >= base + 0.20` or `general_ppl <= base * 1.05` (added to --gate)."""
+    judge: JudgeConfig = JudgeConfig()
+    """LLM-as-judge settings (pairwise, both orders)."""
+    harness: HarnessConfig = HarnessConfig()
+    """lm-evaluation-harness settings."""
 
 
 class ServeConfig(_Section):
@@ -136,6 +252,7 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     for item in overrides:
         apply_override(raw, item)
     _resolve_data_paths(raw, path.parent)
+    _resolve_evaluate_paths(raw, path.parent)
     return validate_config(raw, source=str(path))
 
 
@@ -212,13 +329,38 @@ def _resolve_data_paths(raw: dict, base: Path) -> None:
     data = raw.get("data")
     if not isinstance(data, dict):
         return
-    for key in ("train", "validation"):
-        value = data.get(key)
+    places = [(data, key) for key in ("train", "validation")]
+    places += [(source, "path") for source in data.get("sources") or [] if isinstance(source, dict)]
+    if isinstance(data.get("benchmark_files"), list):
+        places += [(data["benchmark_files"], index) for index in range(len(data["benchmark_files"]))]
+    for holder, key in places:
+        value = holder[key] if isinstance(holder, list) else holder.get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute():
             # Relative to the YAML file's folder; fall back to the working directory where that is what exists.
             beside_yaml = base / value
             chosen = beside_yaml if beside_yaml.exists() or not Path(value).exists() else Path(value)
-            data[key] = str(chosen.resolve())
+            holder[key] = str(chosen.resolve())
+
+
+def _resolve_evaluate_paths(raw: dict, base: Path) -> None:
+    """Schema, harness task folder and custom-metric files are relative to the YAML file's folder."""
+    section = raw.get("evaluate")
+    if not isinstance(section, dict):
+        return
+
+    def resolved(value: str) -> str:
+        return value if Path(value).is_absolute() else str((base / value).resolve())
+
+    if isinstance(section.get("json_schema"), str):
+        section["json_schema"] = resolved(section["json_schema"])
+    harness = section.get("harness")
+    if isinstance(harness, dict) and isinstance(harness.get("include_path"), str):
+        harness["include_path"] = resolved(harness["include_path"])
+    if isinstance(section.get("custom_metrics"), list):
+        section["custom_metrics"] = [
+            resolved(ref.rpartition(":")[0]) + ":" + ref.rpartition(":")[2]
+            if isinstance(ref, str) and ref.rpartition(":")[0].endswith(".py") else ref
+            for ref in section["custom_metrics"]]
 
 
 def option_rows(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -14,6 +14,10 @@ app = typer.Typer(
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
 )
 
+from tunesmith.cli.data_commands import data_app  # noqa: E402 (only typer; data libraries load inside commands)
+
+app.add_typer(data_app, name="data")
+
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config (see `tunesmith options` for every key).")]
 RunDirArg = Annotated[Path, typer.Argument(help="Run directory written by `tunesmith prepare` or `run`.")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Config overrides such as train.lora.r=32.")]

@@ -1,52 +1,267 @@
-"""Reading JSONL training data in chat, prompt/completion and alpaca formats, with file:line errors."""
+"""Every supported input format turned into tunesmith's typed records, with a reason code for each bad row.
+
+SFT: chat `messages` (OpenAI), `prompt`/`completion` (plain or conversational, as TRL defines them), alpaca,
+ShareGPT. Preference: TRL `prompt`/`chosen`/`rejected` (explicit or implicit prompt), OpenAI DPO. Unpaired:
+`prompt`/`completion`/`label`.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from pydantic import ValidationError
-
+from tunesmith.data.readers import iter_records
 from tunesmith.errors import TunesmithError
-from tunesmith.types import ChatExample, ChatMessage
+from tunesmith.types import ChatExample, ChatMessage, PreferenceExample, UnpairedPreferenceExample
 
-FORMAT_KEYS = {
+REQUIRED_KEYS = {
+    "unpaired": {"prompt", "completion", "label"},
+    "openai_dpo": {"input", "preferred_output", "non_preferred_output"},
+    "preference": {"chosen", "rejected"},
     "chat": {"messages"},
+    "sharegpt": {"conversations"},
     "prompt_completion": {"prompt", "completion"},
     "alpaca": {"instruction", "output"},
 }
-OPTIONAL_KEYS = {"chat": set(), "prompt_completion": {"system"}, "alpaca": {"input", "system"}}
+OPTIONAL_KEYS = {
+    "unpaired": {"system"}, "openai_dpo": set(), "preference": {"prompt", "system"}, "chat": set(),
+    "sharegpt": {"system"}, "prompt_completion": {"system"}, "alpaca": {"input", "system"},
+}
+KIND_OF_FORMAT = {"chat": "sft", "prompt_completion": "sft", "alpaca": "sft", "sharegpt": "sft",
+                  "preference": "preference", "openai_dpo": "preference", "unpaired": "unpaired_preference"}
+# A record with the keys of both formats of a pair is the first one (a `label` makes prompt/completion unpaired).
+MORE_SPECIFIC = {("unpaired", "prompt_completion"), ("unpaired", "preference")}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = ("system", "user", "assistant")
 MAX_ERRORS_SHOWN = 5
+Example = ChatExample | PreferenceExample | UnpairedPreferenceExample
+
+
+class RowError(ValueError):
+    """A bad row: `reason` is a short code for counting, the message says what and how to fix it."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def detect_format(record: dict) -> str | None:
-    """Name of the format whose required keys the record has, or None."""
-    for name, keys in FORMAT_KEYS.items():
-        if keys <= record.keys():
-            return name
-    return None
+    """Name of the one format whose required keys the record has; None if none; RowError if several."""
+    found = [name for name, keys in REQUIRED_KEYS.items() if keys <= record.keys()]
+    found = [name for name in found if not any((other, name) in MORE_SPECIFIC for other in found)]
+    if len(found) > 1:
+        raise RowError("ambiguous_format", f"ambiguous record: its keys fit both {found[0]} and {found[1]}; "
+                                           "set data.format or remove the extra keys")
+    return found[0] if found else None
 
 
-def read_examples(path: Path, fmt: str = "auto", system_prompt: str | None = None) -> list[ChatExample]:
-    """Every example of a JSONL file as chat messages; all problems reported together with line numbers."""
+def convert_record(record, fmt: str | None, system_prompt: str | None = None,
+                   extra_key: str | None = None) -> tuple[Example, str]:
+    """One parsed record as a typed example, and its format; `fmt=None` detects it. Raises RowError."""
+    if not isinstance(record, dict):
+        raise RowError("not_an_object", f"expected a JSON object, got {type(record).__name__}")
+    found = detect_format(record)
+    if fmt is None:
+        if found is None:
+            raise RowError("unknown_format", f"unknown data format (keys: {', '.join(sorted(record)) or 'none'}); "
+                           "expected chat 'messages', 'prompt'+'completion', alpaca 'instruction'+'output', "
+                           "ShareGPT 'conversations', preference 'chosen'+'rejected', or 'prompt'+'completion'+'label'")
+        fmt = found
+    elif found != fmt:
+        raise RowError("wrong_format", f"record is not in the {fmt} format (keys: {', '.join(sorted(record))})")
+    unknown = record.keys() - REQUIRED_KEYS[fmt] - OPTIONAL_KEYS[fmt] - {extra_key}
+    if unknown:
+        raise RowError("unknown_key", f"unknown key(s) {', '.join(sorted(unknown))} for the {fmt} format")
+    example = CONVERTERS[fmt](record)
+    if system_prompt and example.messages[0].role != "system":
+        example.messages.insert(0, ChatMessage(role="system", content=system_prompt))
+    return example, fmt
+
+
+def _chat(record: dict) -> ChatExample:
+    messages = parse_messages(record["messages"], "messages")
+    check_turn_order(messages, ends_with="assistant")
+    return ChatExample(messages=messages)
+
+
+def _sharegpt(record: dict) -> ChatExample:
+    raw = record["conversations"]
+    if not isinstance(raw, list) or not raw:
+        raise RowError("wrong_type", "'conversations' must be a non-empty list of {from, value} objects")
+    turns = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict) or not {"from", "value"} <= item.keys():
+            raise RowError("missing_key", f"conversations[{index}] must be an object with 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(item["from"]) if isinstance(item["from"], str) else None
+        if role is None:
+            raise RowError("unknown_role", f"conversations[{index}].from: unknown speaker {item['from']!r} "
+                                           f"(known: {', '.join(SHAREGPT_ROLES)})")
+        turns.append({"role": role, "content": item["value"]})
+    if "system" in record:
+        turns.insert(0, {"role": "system", "content": record["system"]})
+    messages = parse_messages(turns, "conversations")
+    check_turn_order(messages, ends_with="assistant")
+    return ChatExample(messages=messages)
+
+
+def _prompt_completion(record: dict) -> ChatExample:
+    prompt = _prompt_messages(record, "prompt")
+    completion = record["completion"]
+    if isinstance(completion, list):
+        answer = parse_messages(completion, "completion")
+    else:
+        answer = [ChatMessage(role="assistant", content=text_field(completion, "completion"))]
+    messages = prompt + answer
+    check_turn_order(messages, ends_with="assistant")
+    return ChatExample(messages=messages)
+
+
+def _alpaca(record: dict) -> ChatExample:
+    prompt = text_field(record["instruction"], "instruction")
+    extra = text_field(record.get("input", ""), "input", allow_empty=True)
+    prompt = f"{prompt}\n\n{extra}" if extra else prompt
+    return _prompt_completion({"system": record.get("system"), "prompt": prompt, "completion": record["output"]})
+
+
+def _preference(record: dict) -> PreferenceExample:
+    chosen, rejected = record["chosen"], record["rejected"]
+    if "prompt" in record:
+        prompt = _prompt_messages(record, "prompt")
+        return _pair(prompt, _reply(chosen, "chosen"), _reply(rejected, "rejected"))
+    # Implicit prompt (TRL): chosen and rejected are whole conversations that share every turn but the last.
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise RowError("missing_key", "'prompt' is missing: give it, or make chosen/rejected whole conversations")
+    chosen_turns, rejected_turns = parse_messages(chosen, "chosen"), parse_messages(rejected, "rejected")
+    if chosen_turns[:-1] != rejected_turns[:-1] or len(chosen_turns) < 2:
+        raise RowError("turn_order", "implicit prompt: chosen and rejected must share every turn but their last")
+    return _pair(chosen_turns[:-1], _reply(chosen[-1:], "chosen"), _reply(rejected[-1:], "rejected"))
+
+
+def _openai_dpo(record: dict) -> PreferenceExample:
+    source = record["input"]
+    if not isinstance(source, dict) or "messages" not in source:
+        raise RowError("missing_key", "'input' must be an object with 'messages'")
+    if source.keys() - {"messages"}:
+        raise RowError("unsupported", f"input.{sorted(source.keys() - {'messages'})[0]} is not supported yet; remove it")
+    prompt = parse_messages(source["messages"], "input.messages")
+    return _pair(prompt, _reply(record["preferred_output"], "preferred_output"),
+                 _reply(record["non_preferred_output"], "non_preferred_output"))
+
+
+def _unpaired(record: dict) -> UnpairedPreferenceExample:
+    label = record["label"]
+    if not isinstance(label, bool) and label not in (0, 1):
+        raise RowError("wrong_type", f"'label' must be true or false, got {label!r}")
+    prompt = _prompt_messages(record, "prompt")
+    check_turn_order(prompt, ends_with="user")
+    return UnpairedPreferenceExample(messages=prompt, completion=_reply(record["completion"], "completion"),
+                                     label=bool(label))
+
+
+def _pair(prompt: list[ChatMessage], chosen: str, rejected: str) -> PreferenceExample:
+    check_turn_order(prompt, ends_with="user")
+    if chosen == rejected:
+        raise RowError("chosen_equals_rejected", "chosen and rejected are the same reply; there is no preference to learn")
+    return PreferenceExample(messages=prompt, chosen=chosen, rejected=rejected)
+
+
+def _prompt_messages(record: dict, key: str) -> list[ChatMessage]:
+    value = record[key]
+    system = record.get("system")
+    if isinstance(value, list):
+        messages = parse_messages(value, key)
+    else:
+        messages = [ChatMessage(role="user", content=text_field(value, key))]
+    if system is not None:
+        messages.insert(0, ChatMessage(role="system", content=text_field(system, "system")))
+    return messages
+
+
+def _reply(value, key: str) -> str:
+    """A single assistant reply given as text or as a one-message conversational list."""
+    if isinstance(value, list):
+        messages = parse_messages(value, key)
+        if len(messages) != 1 or messages[0].role != "assistant":
+            raise RowError("turn_order", f"'{key}' must be one assistant message")
+        return messages[0].content
+    return text_field(value, key)
+
+
+def parse_messages(raw, field: str) -> list[ChatMessage]:
+    """A list of {role, content} objects (OpenAI `name`/`weight` accepted), checked turn by turn."""
+    if not isinstance(raw, list) or not raw:
+        raise RowError("wrong_type", f"'{field}' must be a non-empty list of {{role, content}} objects")
+    messages = []
+    for index, item in enumerate(raw):
+        where = f"{field}[{index}]"
+        if not isinstance(item, dict):
+            raise RowError("wrong_type", f"{where} must be an object with role and content, got {type(item).__name__}")
+        if "tool_calls" in item or item.get("role") in ("tool", "function"):
+            raise RowError("unsupported", f"{where}: tool calls are not supported yet; remove tool turns")
+        unknown = item.keys() - {"role", "content", "name", "weight"}
+        if unknown:
+            raise RowError("unknown_key", f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        if "role" not in item or "content" not in item:
+            missing = "role" if "role" not in item else "content"
+            raise RowError("missing_key", f"{where}.{missing}: missing")
+        if item["role"] not in ROLES:
+            raise RowError("unknown_role", f"{where}.role: unknown role {item['role']!r} (roles are system, user, assistant)")
+        if item.get("weight", 1) not in (1, 0) or ("weight" in item and item["role"] != "assistant"):
+            raise RowError("wrong_type", f"{where}.weight: must be 0 or 1, and only on assistant turns")
+        if item.get("weight") == 0:
+            raise RowError("unsupported", f"{where}.weight 0 (an untrained turn) is not supported yet; drop the turn")
+        if not isinstance(item["content"], str):
+            raise RowError("wrong_type", f"{where}.content: must be a string, got {type(item['content']).__name__}")
+        if not item["content"].strip():
+            raise RowError("empty_content", f"{where}: empty content")
+        messages.append(ChatMessage(role=item["role"], content=item["content"]))
+    return messages
+
+
+def check_turn_order(messages: list[ChatMessage], ends_with: str) -> None:
+    """System first (optional), then a user turn, alternating; ends with `ends_with`."""
+    roles = [m.role for m in messages]
+    if "system" in roles[1:]:
+        raise RowError("turn_order", "a system message may only come first")
+    turns = [r for r in roles if r != "system"]
+    if turns[:1] != ["user"]:
+        raise RowError("turn_order", "the conversation must start with a user turn (after an optional system message)")
+    if ends_with == "assistant" and "assistant" not in roles:
+        raise RowError("no_assistant_turn", "no assistant turn: there is nothing to learn from this example")
+    for index in range(1, len(turns)):
+        if turns[index] == turns[index - 1]:
+            raise RowError("turn_order", f"two {turns[index]} turns in a row (turn {index + 1}); merge them or add the missing reply")
+    if roles[-1] != ends_with:
+        what = "the assistant's answer" if ends_with == "assistant" else "the user's turn (the reply is given separately)"
+        raise RowError("turn_order", f"the last message must be {what}")
+
+
+def text_field(value, name: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise RowError("wrong_type", f"'{name}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RowError("empty_content", f"'{name}' is empty")
+    return value
+
+
+CONVERTERS = {"chat": _chat, "sharegpt": _sharegpt, "prompt_completion": _prompt_completion, "alpaca": _alpaca,
+              "preference": _preference, "openai_dpo": _openai_dpo, "unpaired": _unpaired}
+
+
+def read_examples(path: Path, fmt: str = "auto", system_prompt: str | None = None) -> list[Example]:
+    """Every example of one data file, all problems reported together with line numbers (strict)."""
     path = Path(path)
-    if not path.is_file():
-        raise TunesmithError(f"data file not found: {path} (check data.train / data.validation in the config)")
     examples, errors = [], []
     detected = None if fmt == "auto" else fmt
-    with path.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8").lstrip("\ufeff").strip()
-                if not line:
-                    continue
-                example, detected = _parse_line(line, detected, fmt == "auto", system_prompt)
-                example.source_line = line_no
-                examples.append(example)
-            except UnicodeDecodeError as exc:
-                errors.append(f"{path}:{line_no}: not valid UTF-8 text (byte {exc.start + 1}); re-save the file as UTF-8")
-            except ValueError as exc:
-                errors.append(f"{path}:{line_no}: {exc}")
+    for record in iter_records(path):
+        try:
+            if record.error:
+                raise RowError(*record.error)
+            example, detected = convert_record(record.value, detected, system_prompt)
+            example.source_line = record.line
+            examples.append(example)
+        except RowError as exc:
+            hint = {"wrong_format": "; keep one format per file" if fmt == "auto" else "; set data.format to the right one"}
+            errors.append(f"{path}:{record.line}: {exc}{hint.get(exc.reason, '')}")
     if errors:
         shown = "\n  ".join(errors[:MAX_ERRORS_SHOWN])
         more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
@@ -54,89 +269,3 @@ def read_examples(path: Path, fmt: str = "auto", system_prompt: str | None = Non
     if not examples:
         raise TunesmithError(f"{path}: no examples found (the file is empty); add one JSON object per line")
     return examples
-
-
-def _parse_line(line: str, detected: str | None, auto: bool, system_prompt: str | None) -> tuple[ChatExample, str]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object") from None
-    except RecursionError:
-        raise ValueError("JSON nested too deeply to be a training example") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    found = detect_format(record)
-    if detected is None:
-        if found is None:
-            raise ValueError(
-                f"unknown data format (keys: {', '.join(sorted(record)) or 'none'}); expected chat 'messages', "
-                "'prompt'+'completion', or alpaca 'instruction'+'output'"
-            )
-        detected = found
-    elif found != detected:
-        how = "set data.format to the right one" if not auto else "keep one format per file"
-        raise ValueError(f"record is not in the {detected} format (keys: {', '.join(sorted(record))}); {how}")
-    return _to_chat(record, detected, system_prompt), detected
-
-
-def _to_chat(record: dict, fmt: str, system_prompt: str | None) -> ChatExample:
-    unknown = record.keys() - FORMAT_KEYS[fmt] - OPTIONAL_KEYS[fmt]
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))} for the {fmt} format")
-    if fmt == "chat":
-        messages = _chat_messages(record["messages"])
-    elif fmt == "prompt_completion":
-        messages = _pair(record.get("system"), record["prompt"], record["completion"], ("prompt", "completion"))
-    else:
-        prompt = _text(record["instruction"], "instruction")
-        extra = _text(record.get("input", ""), "input", allow_empty=True)
-        prompt = f"{prompt}\n\n{extra}" if extra else prompt
-        messages = _pair(record.get("system"), prompt, record["output"], ("instruction", "output"))
-    if system_prompt and messages[0].role != "system":
-        messages.insert(0, ChatMessage(role="system", content=system_prompt))
-    return ChatExample(messages=messages)
-
-
-def _pair(system, prompt, answer, names: tuple[str, str]) -> list[ChatMessage]:
-    messages = [ChatMessage(role="system", content=_text(system, "system"))] if system is not None else []
-    messages.append(ChatMessage(role="user", content=_text(prompt, names[0])))
-    messages.append(ChatMessage(role="assistant", content=_text(answer, names[1])))
-    return messages
-
-
-def _chat_messages(raw) -> list[ChatMessage]:
-    if not isinstance(raw, list) or not raw:
-        raise ValueError("'messages' must be a non-empty list of {role, content} objects")
-    messages = []
-    for index, item in enumerate(raw):
-        try:
-            message = ChatMessage.model_validate(item)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "message"
-            raise ValueError(f"messages[{index}].{field}: {err['msg']} (roles are system, user, assistant)") from None
-        if not message.content.strip():
-            raise ValueError(f"messages[{index}]: empty content")
-        messages.append(message)
-    _check_turn_order(messages)
-    return messages
-
-
-def _check_turn_order(messages: list[ChatMessage]) -> None:
-    roles = [m.role for m in messages]
-    if "system" in roles[1:]:
-        raise ValueError("a system message may only come first")
-    if [r for r in roles if r != "system"][:1] != ["user"]:
-        raise ValueError("the conversation must start with a user turn (after an optional system message)")
-    if "assistant" not in roles:
-        raise ValueError("no assistant turn: there is nothing to learn from this example")
-    if roles[-1] != "assistant":
-        raise ValueError("the last message must be the assistant's answer")
-
-
-def _text(value, name: str, allow_empty: bool = False) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"'{name}' must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise ValueError(f"'{name}' is empty")
-    return value

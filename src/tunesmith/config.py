@@ -110,6 +110,8 @@ class TrainConfig(_Section):
     """Share of steps spent warming the learning rate up from zero."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this value before each optimizer step; unset: no clipping."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """`auto` uses bf16 autocast where the CPU/GPU supports it, else fp32; `fp16` (CUDA only) adds loss scaling."""
     packing: bool = True

@@ -36,8 +36,11 @@ def run(config: ConfigArg, overrides: Overrides = None, overwrite: Overwrite = F
     run_dir = prepare(settings, overwrite=overwrite)
     output.prepared(run_dir)
     output.trained(run_dir, _train_stage(run_dir, settings))
-    output.evaluated(run_dir, evaluate_run(run_dir, settings))
+    report = evaluate_run(run_dir, settings)
+    output.evaluated(run_dir, report)
     output.artifacts(run_dir)
+    if not report["passed"]:  # a gate in the config failed
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -58,33 +61,63 @@ def prepare(
 
 
 @app.command()
-def train(run_dir: RunDirArg, overrides: Overrides = None) -> None:
-    """Train a LoRA adapter on a prepared run directory."""
+def train(
+    run_dir: RunDirArg, overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes to train with (DDP via torchrun; gloo on CPU).")] = 1,
+) -> None:
+    """Train on a prepared run directory (SFT: full, LoRA, DoRA, QLoRA; or DPO/KTO); SIGTERM saves a checkpoint."""
     from tunesmith.cli import output
     from tunesmith.config import load_run_config
+    from tunesmith.train.distributed import is_main_process, launch_processes, launched_world_size
+    from tunesmith.train.loop import TrainingStopped
 
-    output.trained(run_dir, _train_stage(run_dir, load_run_config(run_dir, overrides or [])))
+    if nproc > 1 and launched_world_size() == 1:
+        command = ["train", str(run_dir), *(overrides or []), *(["--resume"] if resume else [])]
+        raise typer.Exit(launch_processes(nproc, command))
+    try:
+        section = _train_stage(run_dir, load_run_config(run_dir, overrides or []), resume)
+    except TrainingStopped as stop:
+        if is_main_process():
+            print(f"{stop}; checkpoint {stop.checkpoint}; continue with `tunesmith train {run_dir} --resume`",
+                  file=sys.stderr)
+        raise typer.Exit(143 if stop.signal_name == "SIGTERM" else 130) from None
+    if is_main_process():
+        output.trained(run_dir, section)
 
 
-def _train_stage(run_dir: Path, settings) -> dict:
+def _train_stage(run_dir: Path, settings, resume: bool = False) -> dict:
     """The training entry point for `train.method`: SFT, or preference tuning (DPO, KTO)."""
     if settings.train.method == "sft":
         from tunesmith.train.sft import train_sft
 
-        return train_sft(run_dir, settings)
+        return train_sft(run_dir, settings, resume=resume)
+    if resume:
+        from tunesmith.errors import TunesmithError
+
+        raise TunesmithError(f"--resume works for train.method=sft only (this run uses {settings.train.method})")
     from tunesmith.train.preference import train_preference
 
     return train_preference(run_dir, settings)
 
 
 @app.command()
-def evaluate(run_dir: RunDirArg, overrides: Overrides = None) -> None:
-    """Compare the base model and the trained adapter on the held-out split."""
+def evaluate(
+    run_dir: RunDirArg, overrides: Overrides = None,
+    gate: Annotated[Optional[list[str]], typer.Option(
+        "--gate", help='Rule a model must pass, e.g. "exact_match >= base + 0.20"; any failure exits 1. Repeatable.')] = None,
+    candidate: Annotated[Optional[list[Path]], typer.Option(
+        "--candidate", help="Another run directory on the same base whose adapter is compared too. Repeatable.")] = None,
+) -> None:
+    """Compare the base model, the trained adapter and any candidates on the held-out split; check gates."""
     from tunesmith.cli import output
     from tunesmith.config import load_run_config
     from tunesmith.evaluate.run import evaluate_run
 
-    output.evaluated(run_dir, evaluate_run(run_dir, load_run_config(run_dir, overrides or [])))
+    report = evaluate_run(run_dir, load_run_config(run_dir, overrides or []), candidate or [], gate or [])
+    output.evaluated(run_dir, report)
+    if not report["passed"]:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -41,15 +41,20 @@ def trained(run_dir: Path, section: dict) -> None:
     console.print(
         f"[bold green]trained[/] {section['method']} ({section['precision']}, {section['threads']} threads): "
         f"{metrics['steps']} steps, train loss {metrics['train_loss']}, validation loss {metrics['validation_loss']}, "
-        f"{metrics['tokens_per_second']:,} tokens/s, {section['wall_time_s']} s -> {Path(run_dir) / section['adapter_dir']}"
+        f"{metrics['tokens_per_second']:,} tokens/s, {section['wall_time_s']} s -> {Path(run_dir) / (section.get('adapter_dir') or section['model_dir'])}"
     )
 
 
 def evaluated(run_dir: Path, report: dict) -> None:
+    from tunesmith.evaluate.gates import describe_outcome
     from tunesmith.evaluate.report import terminal_table
 
     console.print(terminal_table(report))
-    console.print(f"[bold green]report[/] {Path(run_dir) / 'eval' / 'report.md'}")
+    if report.get("overfitting", {}).get("overfitting"):
+        console.print(f"[bold yellow]overfitting:[/] {report['overfitting']['message']}")
+    for outcome in report.get("gates", []):
+        console.print(f"[{'green' if outcome['passed'] else 'bold red'}]{describe_outcome(outcome)}[/]", highlight=False)
+    console.print(f"[bold green]report[/] {Path(run_dir) / 'eval' / 'report.md'} (HTML: report.html)")
 
 
 def artifacts(run_dir: Path) -> None:

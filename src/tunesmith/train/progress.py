@@ -1,4 +1,4 @@
-"""A rich progress bar for training: steps, live loss, tokens per second, time left."""
+"""Rich progress bars for training: steps, live loss, tokens per second, time left."""
 
 from __future__ import annotations
 
@@ -36,3 +36,36 @@ class RichProgressCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress:
             self.progress.stop()
+
+
+class LoopProgressBar:
+    """A rich progress bar for tunesmith's own loop: steps, last loss, validation loss, tokens per second."""
+
+    def __init__(self, total_steps: int, progress, enabled: bool = True):
+        self.total_steps, self.enabled, self.start_step = total_steps, enabled, progress.step
+        self.bar: Progress | None = None
+        self.task = None
+
+    def __enter__(self):
+        if self.enabled:
+            self.bar = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                TextColumn("val {task.fields[val]}"), TextColumn("{task.fields[speed]} tok/s"), TimeRemainingColumn(),
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=self.total_steps, completed=self.start_step, loss="-",
+                                          val="-", speed="-")
+        return self
+
+    def update(self, progress) -> None:
+        if not self.bar:
+            return
+        loss = f"{progress.loss_curve[-1]['loss']:.4f}" if progress.loss_curve else "-"
+        val = f"{progress.validation_curve[-1]['loss']:.4f}" if progress.validation_curve else "-"
+        speed = f"{progress.tokens_seen / max(progress.train_seconds, 1e-9):,.0f}"
+        self.bar.update(self.task, completed=progress.step, loss=loss, val=val, speed=speed)
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.stop()
+        return False

@@ -1,4 +1,7 @@
-"""LoRA supervised fine-tuning on transformers' Trainer + peft, reading and writing the run directory."""
+"""Supervised fine-tuning (full, LoRA, DoRA, QLoRA) on accelerate + peft, reading and writing the run directory.
+
+Read top to bottom: data -> model -> optimizer -> (resume) -> loop -> save -> manifest.
+"""
 
 from __future__ import annotations
 
@@ -7,96 +10,184 @@ import shutil
 import time
 from pathlib import Path
 
-from tunesmith.config import RunConfig
+from tunesmith.config import RunConfig, TrainConfig
 from tunesmith.data.prepare import read_split
 from tunesmith.data.template import template_fingerprint, tokenize_example
 from tunesmith.errors import TunesmithError
-from tunesmith.models import load_model, load_tokenizer
+from tunesmith.models import load_tokenizer
 from tunesmith.registry.run_dir import read_manifest, staged_dir, update_manifest
-from tunesmith.data.batching import PaddingCollator, TokenizedDataset
+from tunesmith.train.batches import StepPlan
+from tunesmith.train.checkpoints import CHECKPOINTS_DIR, newest_complete_checkpoint
 from tunesmith.train.devices import pick_precision, set_cpu_threads
-from tunesmith.train.progress import RichProgressCallback
+from tunesmith.train.distributed import default_threads, make_accelerator
+from tunesmith.train.loop import SftLoop, trained_token_loss_module
+from tunesmith.train.model_setup import build_training_model, trainable_parameter_counts
+from tunesmith.train.progress import LoopProgressBar
 
 ADAPTER_DIR = "adapter"
+FULL_MODEL_DIR = "model"
+# Settings a checkpoint must share with the run that resumes it, or the resumed losses would differ.
+RESUME_MUST_MATCH = ("adapter", "lora", "batch_size", "grad_accum", "packing", "learning_rate", "lr_scheduler",
+                     "warmup_ratio", "weight_decay", "max_grad_norm", "precision", "epochs", "max_steps", "init_from")
 
 
-def train_sft(run_dir: Path, config: RunConfig) -> dict:
-    """Train a LoRA adapter on the run's training split; write `<run_dir>/adapter` and the manifest's `train`."""
+def train_sft(run_dir: Path, config: RunConfig, resume: bool = False) -> dict:
+    """Train on the run's training split; write `<run_dir>/adapter` (or `model` for full) and the manifest's `train`."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+    from transformers import get_scheduler
 
-    run_dir = Path(run_dir)
+    run_dir, settings = Path(run_dir), config.train
     manifest = read_manifest(run_dir)
-    base_source = manifest["base_model"]["source"]
-    tokenizer = load_tokenizer(base_source)
+    tokenizer = load_tokenizer(manifest["base_model"]["source"])
     if template_fingerprint(tokenizer) != manifest["data"]["chat_template_sha"]:
         raise TunesmithError(f"{run_dir}: the base model's chat template changed since `prepare`; re-run prepare")
-    set_seed(config.seed)
-    threads = set_cpu_threads(config.train.threads)
-    precision = pick_precision(config.train.precision)
-    max_length = config.data.max_length
-    train_set = TokenizedDataset([_tokenize(tokenizer, e, max_length) for e in read_split(run_dir, "train")])
-    val_set = TokenizedDataset([_tokenize(tokenizer, e, max_length) for e in read_split(run_dir, "validation")])
+    parent = parent_run(settings, manifest)
+    precision = pick_precision(settings.precision)
+    accelerator = make_accelerator(settings, precision)
+    threads = set_cpu_threads(default_threads(settings.threads))
+    train_examples = _tokenized(tokenizer, read_split(run_dir, "train"), config.data.max_length)
+    validation_examples = _tokenized(tokenizer, read_split(run_dir, "validation"), config.data.max_length)
 
-    lora = config.train.lora
-    model = get_peft_model(load_model(base_source), LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-    ))
-    trainable, total = model.get_nb_trainable_parameters()
+    torch.manual_seed(config.seed)  # adapter initialisation
+    model_source = parent["model_path"] if parent and settings.adapter == "full" else manifest["base_model"]["source"]
+    parent_adapter = parent["adapter_path"] if parent and settings.adapter != "full" else None
+    model = build_training_model(model_source, settings, precision, parent_adapter)
+    trainable, total = trainable_parameter_counts(model)
+    module = trained_token_loss_module(model)
+    if settings.compile:
+        model.get_base_model().get_decoder().compile(dynamic=True) if hasattr(model, "get_base_model") \
+            else model.get_decoder().compile(dynamic=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay)
+    plan = StepPlan(len(train_examples), settings.batch_size * settings.grad_accum, config.seed)
+    total_steps = plan.total_steps(settings.epochs, settings.max_steps)
+    scheduler = get_scheduler(_scheduler_name(settings), optimizer, num_training_steps=total_steps,
+                              num_warmup_steps=math.ceil(settings.warmup_ratio * total_steps))
+    module, optimizer = accelerator.prepare(module, optimizer)
+    loop = SftLoop(accelerator, module, optimizer, scheduler, train_examples, validation_examples, plan, total_steps,
+                   settings, config.seed, tokenizer.pad_token_id, run_dir)
+
+    resumed_from = _resume_point(run_dir, resume, accelerator.is_main_process)
+    if resumed_from:
+        _check_resumable(resumed_from, settings)
+        loop.restore(resumed_from)
     started = time.perf_counter()
-    with staged_dir(run_dir / ADAPTER_DIR) as staging:
-        args = TrainingArguments(
-            output_dir=str(staging / "_trainer"), per_device_train_batch_size=config.train.batch_size,
-            per_device_eval_batch_size=config.train.batch_size, gradient_accumulation_steps=config.train.grad_accum,
-            num_train_epochs=config.train.epochs, max_steps=config.train.max_steps or -1,
-            learning_rate=config.train.learning_rate, warmup_steps=config.train.warmup_ratio,
-            weight_decay=config.train.weight_decay, lr_scheduler_type="linear",
-            logging_steps=config.train.logging_steps, save_strategy="no", eval_strategy="no", report_to=[],
-            bf16=precision == "bf16", use_cpu=not torch.cuda.is_available(), seed=config.seed,
-            data_seed=config.seed, disable_tqdm=True, train_sampling_strategy="group_by_length", dataloader_num_workers=0,
-            include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
-        )
-        progress = RichProgressCallback()
-        trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                          data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=[progress])
-        trainer.remove_callback(PrinterCallback)  # our progress bar shows the loss; no raw dict dumps
-        result = trainer.train()
-        train_seconds = time.perf_counter() - started
-        eval_metrics = trainer.evaluate()
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        _remove_trainer_scratch(staging / "_trainer")
-    tokens = trainer.state.num_input_tokens_seen
+    with LoopProgressBar(total_steps, loop.progress, enabled=accelerator.is_main_process) as bar:
+        progress = loop.run(on_step=bar.update)
+    accelerator.wait_for_everyone()
+
+    unwrapped = loop.inner_model
     section = {
-        "method": "lora-sft",
-        "adapter_dir": ADAPTER_DIR,
+        "method": f"{settings.adapter}-sft",
+        "adapter": settings.adapter,
+        "adapter_dir": None if settings.adapter == "full" else ADAPTER_DIR,
+        "model_dir": FULL_MODEL_DIR if settings.adapter == "full" else None,
+        "parent": parent and {k: v for k, v in parent.items() if not k.endswith("_path")},
+        "resumed_from": resumed_from and str(resumed_from.relative_to(run_dir)),
         "data_hash": manifest["data"]["dataset_hash"],
         "base_model": manifest["base_model"],
-        "config": config.train.model_dump(mode="json"),
-        "max_length": max_length,
+        "config": settings.model_dump(mode="json"),
+        "max_length": config.data.max_length,
         "precision": precision,
         "threads": threads,
+        "processes": accelerator.num_processes,
         "parameters": {"trainable": trainable, "total": total},
-        "metrics": {
-            "train_loss": round(result.training_loss, 4),
-            "validation_loss": round(eval_metrics["eval_loss"], 4),
-            "validation_perplexity": round(math.exp(min(eval_metrics["eval_loss"], 50)), 3),
-            "steps": trainer.state.global_step,
-            "tokens_seen": tokens,
-            "tokens_per_second": round(tokens / train_seconds, 1),
-        },
-        "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+        "metrics": _metrics(progress),
+        "loss_curve": progress.loss_curve,
+        "validation_curve": progress.validation_curve,
+        "stopped_early": progress.stop_reason == "early_stopping",
+        "warnings": progress.warnings,
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
-    update_manifest(run_dir, "train", section)
+    # Every process takes part in gathering a sharded (FSDP / ZeRO) full model; the main one writes.
+    full_state = accelerator.get_state_dict(loop.module) if settings.adapter == "full" else None
+    if accelerator.is_main_process:
+        _save_trained(run_dir, unwrapped, tokenizer, settings, full_state)
+        update_manifest(run_dir, "train", section)
     return section
 
 
-def _tokenize(tokenizer, example, max_length: int):
-    return tokenize_example(tokenizer, [m.model_dump() for m in example.messages], max_length)
+def parent_run(settings: TrainConfig, manifest: dict) -> dict | None:
+    """The earlier run this one continues from (`train.init_from`), checked to share the base model and method."""
+    if settings.init_from is None:
+        return None
+    parent_dir = Path(settings.init_from)
+    parent_manifest = read_manifest(parent_dir)
+    trained = parent_manifest.get("train")
+    if not trained:
+        raise TunesmithError(f"train.init_from: {parent_dir} has not been trained yet; run `tunesmith train {parent_dir}`")
+    if parent_manifest["base_model"]["source"] != manifest["base_model"]["source"]:
+        raise TunesmithError(f"train.init_from: {parent_dir} was trained on {parent_manifest['base_model']['source']}, "
+                             f"this run uses {manifest['base_model']['source']}; continue only from the same base")
+    parent_full = trained.get("adapter") == "full"
+    if parent_full != (settings.adapter == "full"):
+        raise TunesmithError(f"train.init_from: {parent_dir} trained {'all weights' if parent_full else 'an adapter'}; "
+                             f"set train.adapter={'full' if parent_full else trained.get('adapter', 'lora')} to continue it")
+    record = {"run_dir": str(parent_dir.resolve()), "name": parent_manifest.get("name"),
+              "method": trained.get("method"), "data_hash": trained.get("data_hash")}
+    if parent_full:
+        return {**record, "model_path": parent_dir / trained["model_dir"]}
+    return {**record, "adapter_path": parent_dir / trained["adapter_dir"]}
 
 
-def _remove_trainer_scratch(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+def _tokenized(tokenizer, examples, max_length: int):
+    return [tokenize_example(tokenizer, [m.model_dump() for m in e.messages], max_length) for e in examples]
+
+
+def _scheduler_name(settings: TrainConfig) -> str:
+    return "constant_with_warmup" if settings.lr_scheduler == "constant" else settings.lr_scheduler
+
+
+def _resume_point(run_dir: Path, resume: bool, main: bool) -> Path | None:
+    """The newest complete checkpoint when resuming; a fresh run clears checkpoints of an earlier attempt."""
+    if resume:
+        checkpoint = newest_complete_checkpoint(run_dir)
+        if checkpoint is None:
+            raise TunesmithError(f"--resume: {run_dir / CHECKPOINTS_DIR} holds no complete checkpoint; "
+                                 f"train without --resume to start over")
+        return checkpoint
+    if main:
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+    return None
+
+
+def _check_resumable(checkpoint: Path, settings: TrainConfig) -> None:
+    import json
+
+    saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    current = settings.model_dump(mode="json")
+    changed = [key for key in RESUME_MUST_MATCH if saved.get(key) != current.get(key)]
+    if changed:
+        raise TunesmithError(f"--resume: {checkpoint} was written with different train.{changed[0]} "
+                             f"({saved.get(changed[0])!r}, now {current.get(changed[0])!r}); resume with the same settings")
+
+
+def _metrics(progress) -> dict:
+    final = progress.validation_curve[-1]["loss"] if progress.validation_curve else float("nan")
+    if progress.best_weights_restored:
+        final = progress.best_validation
+    seconds = max(progress.train_seconds, 1e-9)
+    return {
+        "train_loss": round(progress.loss_curve[-1]["loss"], 4) if progress.loss_curve else None,
+        "validation_loss": round(final, 4),
+        "validation_perplexity": round(math.exp(min(final, 50)), 3),
+        "best_validation_loss": progress.best_validation and round(progress.best_validation, 4),
+        "steps": progress.step,
+        "tokens_seen": progress.tokens_seen,
+        "trained_tokens": progress.trained_tokens,
+        "tokens_per_second": round(progress.tokens_seen / seconds, 1),
+        "train_seconds": round(progress.train_seconds, 1),
+    }
+
+
+def _save_trained(run_dir: Path, model, tokenizer, settings: TrainConfig, full_state: dict | None) -> None:
+    """The adapter (or the full model) with its tokenizer, written to a staging folder and renamed into place."""
+    target = run_dir / (FULL_MODEL_DIR if settings.adapter == "full" else ADAPTER_DIR)
+    with staged_dir(target) as staging:
+        if settings.adapter == "full":
+            model.config.use_cache = True
+            prefix = "model."  # the state dict is the loss wrapper's; the model's own names follow this prefix
+            model.save_pretrained(staging, state_dict={k.removeprefix(prefix): v for k, v in full_state.items()})
+        else:
+            model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)

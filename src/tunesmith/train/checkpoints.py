@@ -1,0 +1,103 @@
+"""Resumable checkpoints written atomically: a temporary folder, fsync, a completeness marker, then a rename.
+
+A checkpoint counts only if its `COMPLETE` marker exists, so a process killed mid-write leaves nothing that
+`--resume` would pick up; the newest complete one wins and only the last K are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"
+WEIGHTS_FILE = "trainable.safetensors"
+STATE_FILE = "training_state.pt"
+PROGRESS_FILE = "progress.json"
+CONFIG_FILE = "config.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("step-*") if p.is_dir() and (p / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def newest_complete_checkpoint(run_dir: Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def write_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, progress: dict, config: dict,
+                     keep: int) -> Path:
+    """Write one checkpoint atomically and delete all but the newest `keep` complete ones."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / checkpoint_name(step)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{final.name}.tmp-"))
+    try:
+        save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()},
+                  str(staging / WEIGHTS_FILE))
+        torch.save(state, staging / STATE_FILE)
+        (staging / PROGRESS_FILE).write_text(json.dumps(progress, indent=1), encoding="utf-8")
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1), encoding="utf-8")
+        for path in staging.iterdir():
+            _fsync_file(path)
+        (staging / COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
+        _fsync_file(staging / COMPLETE_MARKER)
+        _fsync_dir(staging)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _fsync_dir(folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """(trainable weights, optimizer/scheduler/RNG state, progress) of a complete checkpoint."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / WEIGHTS_FILE))
+    state = torch.load(path / STATE_FILE, weights_only=True)
+    progress = json.loads((path / PROGRESS_FILE).read_text(encoding="utf-8"))
+    return weights, state, progress
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete complete checkpoints beyond the newest `keep`, and leftovers of interrupted writes."""
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    for stale in folder.glob(".step-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in complete_checkpoints(run_dir)[:-max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,77 @@
+"""More than one process: launching `--nproc N` workers with torchrun, and the accelerate setup for DDP / FSDP / DeepSpeed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tunesmith.errors import TunesmithError
+
+PRECISION_TO_ACCELERATE = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+def launched_world_size() -> int:
+    """Processes in this job, as torchrun / accelerate launch announce it (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def launch_processes(nproc: int, command: list[str]) -> int:
+    """Re-run `tunesmith <command>` in `nproc` processes under torchrun (gloo on CPU, NCCL on GPUs); their exit code."""
+    if nproc < 1:
+        raise TunesmithError(f"--nproc {nproc}: give a process count of 1 or more")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "tunesmith", *command]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(_threads_per_process(nproc)))}
+    return subprocess.run(argv, env=env).returncode
+
+
+def _threads_per_process(nproc: int) -> int:
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, available // nproc)
+
+
+def default_threads(requested: int | None) -> int | None:
+    """The thread count to use: the request, else this process's share of the cores when several run."""
+    if requested:
+        return requested
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return _threads_per_process(local) if local > 1 else None
+
+
+def make_accelerator(train, precision: str):
+    """An accelerate Accelerator for this process: plain, DDP, FSDP or DeepSpeed per `train.distributed`."""
+    from accelerate import Accelerator
+
+    plugins = {}
+    if launched_world_size() > 1 and train.distributed == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        plugins["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
+            state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
+    elif launched_world_size() > 1 and train.distributed == "deepspeed":
+        plugins["deepspeed_plugin"] = _deepspeed_plugin(train)
+    import torch
+
+    return Accelerator(mixed_precision=PRECISION_TO_ACCELERATE[precision], cpu=not torch.cuda.is_available(),
+                       **plugins)
+
+
+def _deepspeed_plugin(train):
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise TunesmithError("train.distributed=deepspeed needs DeepSpeed on a CUDA machine: pip install deepspeed") from None
+    from accelerate import DeepSpeedPlugin
+
+    if train.deepspeed_config:
+        if not train.deepspeed_config.is_file():
+            raise TunesmithError(f"train.deepspeed_config: {train.deepspeed_config} not found; give a DeepSpeed JSON file")
+        return DeepSpeedPlugin(hf_ds_config=str(train.deepspeed_config))
+    return DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=train.grad_accum,
+                           gradient_clipping=train.max_grad_norm or 0.0)

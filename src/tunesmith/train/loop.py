@@ -1,0 +1,286 @@
+"""The SFT optimization loop on accelerate: micro-batches, exact resume, validation, early stopping, safe stops.
+
+Every step is a pure function of (checkpointed state, step number): the examples come from the step plan and
+the dropout RNG is reseeded per step, so a resumed run repeats the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tunesmith.data.template import IGNORE_INDEX, TokenizedExample
+from tunesmith.errors import TunesmithError
+from tunesmith.train.batches import StepPlan, make_batch, micro_batches, trained_token_count
+from tunesmith.train.checkpoints import read_checkpoint, write_checkpoint
+
+OVERFIT_RISE = 0.10  # validation loss this far above its best while training loss still falls: overfitting
+
+
+class TrainingStopped(Exception):
+    """The run was asked to stop (SIGTERM / Ctrl-C) and saved a checkpoint to resume from."""
+
+    def __init__(self, step: int, checkpoint: Path | None, signal_name: str):
+        super().__init__(f"stopped by {signal_name} at step {step}")
+        self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
+
+
+@dataclass
+class LoopProgress:
+    """Everything besides weights and optimizer state that a resumed run needs to continue identically."""
+
+    step: int = 0
+    loss_curve: list[dict] = field(default_factory=list)
+    validation_curve: list[dict] = field(default_factory=list)
+    best_validation: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    tokens_seen: int = 0
+    trained_tokens: int = 0
+    train_seconds: float = 0.0
+    window_loss: float = 0.0
+    window_steps: int = 0
+    warnings: list[str] = field(default_factory=list)
+    stop_reason: str | None = None
+    best_weights_restored: bool = False
+
+
+def trained_token_loss_module(model):
+    """Wrap a causal LM so forward returns the summed loss over trained tokens, running the LM head only there."""
+    import torch
+
+    class TrainedTokenLoss(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner
+
+        def forward(self, input_ids, labels, position_ids=None, attention_mask=None):
+            causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            hidden = causal_lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                             attention_mask=attention_mask, use_cache=False).last_hidden_state
+            targets = labels[:, 1:]
+            keep = targets != IGNORE_INDEX
+            # Prompt positions need no logits: skipping the vocabulary projection there is most of the saving.
+            logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+            return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+
+    return TrainedTokenLoss(model)
+
+
+class StopSignals:
+    """Turns SIGTERM / the first Ctrl-C into a request to save and stop after the current step."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class SftLoop:
+    """Owns the prepared model/optimizer/scheduler and runs steps, evaluations and checkpoints."""
+
+    accelerator: object
+    module: object  # the prepared TrainedTokenLoss (possibly DDP-wrapped)
+    optimizer: object
+    scheduler: object
+    train_examples: list[TokenizedExample]
+    validation_examples: list[TokenizedExample]
+    plan: StepPlan
+    total_steps: int
+    settings: object  # TrainConfig
+    seed: int
+    pad_token_id: int
+    run_dir: Path
+    progress: LoopProgress = field(default_factory=LoopProgress)
+    best_weights: dict | None = None
+
+    @property
+    def inner_model(self):
+        return self.accelerator.unwrap_model(self.module).model
+
+    def trainable_weights(self) -> dict:
+        return {name: p for name, p in self.inner_model.named_parameters() if p.requires_grad}
+
+    def run(self, on_step=None) -> LoopProgress:
+        """Train from `progress.step` to the end (or an early stop); raise TrainingStopped on SIGTERM."""
+        settings, eval_every = self.settings, self.eval_interval()
+        with StopSignals() as signals:
+            while self.progress.step < self.total_steps:
+                started = time.perf_counter()
+                self.train_step(self.progress.step)
+                self.progress.train_seconds += time.perf_counter() - started
+                self.progress.step += 1
+                step = self.progress.step
+                if step % eval_every == 0 or step == self.total_steps:
+                    self.validate_and_maybe_stop()
+                if on_step:
+                    on_step(self.progress)
+                if self.progress.stop_reason:
+                    break
+                if self.stop_requested(signals):
+                    checkpoint = self.save_checkpoint()
+                    raise TrainingStopped(step, checkpoint, signals.received or "SIGTERM")
+                if settings.checkpoint_steps and step % settings.checkpoint_steps == 0 and step < self.total_steps:
+                    self.save_checkpoint()
+        if self.best_weights is not None and self.progress.best_step != self.progress.step:
+            self.inner_model.load_state_dict(self.best_weights, strict=False)  # early stopping keeps the best
+            self.progress.best_weights_restored = True
+        return self.progress
+
+    def eval_interval(self) -> int:
+        return self.settings.eval_steps or max(1, math.ceil(self.total_steps / 4))
+
+    def train_step(self, step: int) -> None:
+        """One optimizer step over the global batch; the loss is the mean over all trained tokens of the step."""
+        import torch
+
+        accelerator, settings = self.accelerator, self.settings
+        torch.manual_seed(self.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index)
+        indices = self.plan.step_examples(step)
+        step_tokens = sum(trained_token_count(self.train_examples[i]) for i in indices)
+        shares = micro_batches(indices, settings.batch_size, accelerator.process_index, accelerator.num_processes)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        self.module.train()
+        for number, share in enumerate(shares):
+            batch = self.micro_batch(share, fallback=indices[0])
+            last = number == len(shares) - 1
+            sync = accelerator.no_sync(self.module) if not last and accelerator.num_processes > 1 else nullcontext()
+            with sync, accelerator.autocast():
+                loss = self.module(**batch)
+            # DDP averages gradients over processes; scaling by their count keeps this a per-token mean.
+            accelerator.backward(loss * accelerator.num_processes / max(1, step_tokens))
+            loss_sum += loss.detach().double().cpu()
+            self.progress.tokens_seen += int((batch["labels"].numel() if "position_ids" in batch
+                                              else batch["attention_mask"].sum()))
+        total = accelerator.reduce(loss_sum.to(accelerator.device), reduction="sum").item()
+        step_loss = total / max(1, step_tokens)
+        if not math.isfinite(step_loss):
+            raise TunesmithError(
+                f"training loss became {step_loss} at step {step + 1}: the run stopped before applying that update; "
+                f"the last good checkpoint is kept in {self.run_dir / 'checkpoints'}. Lower train.learning_rate "
+                f"(now {settings.learning_rate}) or use precision=fp32, then `tunesmith train {self.run_dir} --resume`")
+        if settings.max_grad_norm:
+            accelerator.clip_grad_norm_(self.module.parameters(), settings.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.trained_tokens += step_tokens
+        self.record_loss(step + 1, step_loss)
+
+    def micro_batch(self, share: list[int], fallback: int) -> dict:
+        """Tensors for this process's examples; an empty share trains on nothing (all labels masked)."""
+        examples = [self.train_examples[i] for i in share]
+        if not examples:  # keeps every process in the same collective calls
+            source = self.train_examples[fallback]
+            examples = [TokenizedExample(source.input_ids, [IGNORE_INDEX] * len(source.labels))]
+        batch = make_batch(examples, self.settings.packing, self.pad_token_id)
+        return {name: tensor.to(self.accelerator.device) for name, tensor in batch.items()}
+
+    def record_loss(self, step: int, loss: float) -> None:
+        progress = self.progress
+        progress.window_loss += loss
+        progress.window_steps += 1
+        if step % self.settings.logging_steps == 0 or step == self.total_steps:
+            progress.loss_curve.append({"step": step, "loss": round(progress.window_loss / progress.window_steps, 6)})
+            progress.window_loss, progress.window_steps = 0.0, 0
+
+    def validation_loss(self) -> float:
+        """Mean loss over every trained token of the validation split (split across processes)."""
+        import torch
+
+        accelerator, size = self.accelerator, self.settings.batch_size
+        share = self.validation_examples[accelerator.process_index::accelerator.num_processes]
+        loss_sum, tokens = torch.zeros((), dtype=torch.float64), 0
+        self.module.eval()
+        with torch.no_grad():
+            for start in range(0, len(share), size):
+                chunk = share[start:start + size]
+                batch = {k: v.to(accelerator.device) for k, v in
+                         make_batch(chunk, self.settings.packing, self.pad_token_id).items()}
+                with accelerator.autocast():
+                    loss_sum += self.module(**batch).double().cpu()
+                tokens += sum(trained_token_count(e) for e in chunk)
+        totals = accelerator.reduce(torch.tensor([loss_sum.item(), float(tokens)], dtype=torch.float64,
+                                                 device=accelerator.device), reduction="sum")
+        return totals[0].item() / max(1.0, totals[1].item())
+
+    def validate_and_maybe_stop(self) -> None:
+        """Record the validation loss; track the best, warn on overfitting, stop early when patience runs out."""
+        progress, patience = self.progress, self.settings.early_stopping_patience
+        loss = self.validation_loss()
+        progress.validation_curve.append({"step": progress.step, "loss": round(loss, 6)})
+        if progress.best_validation is None or loss < progress.best_validation - 1e-4:
+            progress.best_validation, progress.best_step = loss, progress.step
+            progress.evals_without_improvement = 0
+            if patience:
+                self.best_weights = {k: v.detach().clone() for k, v in self.trainable_weights().items()}
+        else:
+            progress.evals_without_improvement += 1
+            self.warn_if_overfitting(loss)
+        if patience and progress.evals_without_improvement >= patience:
+            progress.stop_reason = "early_stopping"
+
+    def warn_if_overfitting(self, loss: float) -> None:
+        progress = self.progress
+        train_then = [p["loss"] for p in progress.loss_curve if p["step"] <= (progress.best_step or 0)]
+        train_now = progress.loss_curve[-1]["loss"] if progress.loss_curve else None
+        rising = loss > progress.best_validation * (1 + OVERFIT_RISE)
+        if rising and train_then and train_now is not None and train_now < train_then[-1]:
+            message = (f"overfitting: validation loss {loss:.4f} at step {progress.step} is "
+                       f"{loss / progress.best_validation - 1:.0%} above its best ({progress.best_validation:.4f} at "
+                       f"step {progress.best_step}) while training loss kept falling; consider fewer epochs or "
+                       "train.early_stopping_patience")
+            if not any(w.startswith("overfitting") for w in progress.warnings):
+                progress.warnings.append(message)
+
+    def stop_requested(self, signals: StopSignals) -> bool:
+        """True when any process got SIGTERM/Ctrl-C; all processes agree so they stop at the same step."""
+        import torch
+
+        flag = torch.tensor([1.0 if signals.received else 0.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return flag.item() > 0
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint from the main process; the others wait until it is complete."""
+        path = None
+        if self.accelerator.is_main_process:
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "best_weights": self.best_weights or {}}
+            path = write_checkpoint(self.run_dir, self.progress.step, self.trainable_weights(), state,
+                                    asdict(self.progress), self.settings.model_dump(mode="json"),
+                                    self.settings.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def restore(self, checkpoint: Path) -> None:
+        """Continue from a checkpoint: trainable weights, optimizer and scheduler state, loop progress."""
+        weights, state, progress = read_checkpoint(checkpoint)
+        missing = set(weights) - set(self.trainable_weights())
+        if missing:
+            raise TunesmithError(f"{checkpoint}: its weights do not fit this model ({sorted(missing)[0]} ...); "
+                                 "resume with the config the run started with")
+        self.inner_model.load_state_dict(weights, strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.best_weights = state["best_weights"] or None
+        self.progress = LoopProgress(**progress)
+

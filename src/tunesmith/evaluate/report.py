@@ -1,62 +1,134 @@
-"""Rendering an evaluation report: a terminal table and markdown, base and fine-tuned side by side."""
+"""Rendering an evaluation report: a terminal table and markdown, every model side by side with the base."""
 
 from __future__ import annotations
 
 from rich.table import Table
 
-# (key, label, shown as percent, higher is better)
+# (key, label, shown as percent); metrics not listed here follow in report order.
 METRICS = [
-    ("exact_match", "exact match", True, True),
-    ("json_valid", "valid JSON", True, True),
-    ("stop_rate", "stops on its own", True, True),
-    ("validation_loss", "validation loss", False, False),
-    ("perplexity", "perplexity", False, False),
-    ("mean_new_tokens", "mean answer tokens", False, None),
-    ("seconds", "eval seconds", False, None),
+    ("exact_match", "exact match", True),
+    ("exact_match_raw", "exact match (raw)", True),
+    ("token_f1", "token F1", True),
+    ("rouge_l", "ROUGE-L", True),
+    ("accuracy", "label accuracy", True),
+    ("macro_f1", "label macro-F1", True),
+    ("json_valid", "valid JSON", True),
+    ("json_schema", "matches JSON schema", True),
+    ("regex_match", "matches regex", True),
+    ("stop_rate", "stops on its own", True),
+    ("validation_loss", "validation loss", False),
+    ("perplexity", "perplexity", False),
+    ("general_ppl", "general text perplexity", False),
+    ("general_qa", "general questions right", True),
+    ("judge_win_rate", "judge win rate vs base", True),
+    ("mean_new_tokens", "mean answer tokens", False),
+    ("seconds", "eval seconds", False),
 ]
+LABELS = {key: label for key, label, _ in METRICS}
+PERCENT = {key for key, _, percent in METRICS if percent}
 
 
-def _rows(report: dict):
+def metric_keys(report: dict) -> list[str]:
+    """Metrics in display order: the known ones first, then per-field, custom and harness scores."""
+    present = list(dict.fromkeys(k for scores in report["results"].values() for k in scores))
+    known = [key for key, _, _ in METRICS if key in present]
+    return known + [key for key in present if key not in LABELS]
+
+
+def metric_label(key: str) -> str:
+    if key.startswith("field:"):
+        return f"field `{key[6:]}` right"
+    return LABELS.get(key, key)
+
+
+def format_value(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key in PERCENT or key.startswith("field:"):
+        return f"{value * 100:.1f}%"
+    return f"{value:.3f}"
+
+
+def format_delta(key: str, comparison: dict, compact: bool = False) -> str:
+    """`+12.5 pts [+8.0, +17.0] p=0.001*`: the paired difference with its interval and p-value (* significant)."""
+    scale, unit = (100, " pts") if key in PERCENT or key.startswith("field:") else (1, "")
+    marker = "*" if comparison["significant"] else ""
+    low, high = comparison["delta_low"] * scale, comparison["delta_high"] * scale
+    if compact:
+        return f"{comparison['delta'] * scale:+.1f}{marker} [{low:+.1f},{high:+.1f}]"
+    return f"{comparison['delta'] * scale:+.1f}{unit} [{low:+.1f}, {high:+.1f}] p={comparison['p_value']:.3g}{marker}"
+
+
+def comparison_cell(report: dict, label: str, key: str, compact: bool = False) -> str:
+    comparison = report.get("comparisons", {}).get(label, {}).get("metrics", {}).get(key)
+    if comparison:
+        return format_delta(key, comparison, compact)
     results = report["results"]
-    labels = list(results)
-    for key, label, percent, _ in METRICS:
-        if not all(key in results[name] for name in labels):
-            continue
-        values = [results[name][key] for name in labels]
-        cells = [f"{v * 100:.1f}%" if percent else f"{v:.3f}" for v in values]
-        delta = ""
-        if len(values) == 2:
-            diff = values[1] - values[0]
-            delta = f"{diff * 100:+.1f} pts" if percent else f"{diff:+.3f}"
-        yield label, cells, delta
+    if "base" in results and key in results["base"] and key in results[label] and key not in ("seconds",):
+        difference = results[label][key] - results["base"][key]
+        return f"{difference * 100:+.1f} pts" if key in PERCENT else f"{difference:+.3f}"
+    return ""
+
+
+def _candidates(report: dict) -> list[str]:
+    return [label for label in report["results"] if label != "base"] if "base" in report["results"] else []
 
 
 def terminal_table(report: dict) -> Table:
-    labels = list(report["results"])
-    table = Table(title=f"{report['run']}: {report['examples']} held-out examples")
+    labels, candidates = list(report["results"]), _candidates(report)
+    table = Table(title=f"{report['run']}: {report['examples']} held-out examples "
+                        f"({report.get('confidence', 0.95):.0%} paired-bootstrap intervals, * p < {1 - report.get('confidence', 0.95):.2g})")
     table.add_column("metric")
     for name in labels:
         table.add_column(name, justify="right")
-    if len(labels) == 2:
-        table.add_column("change", justify="right")
-    for label, cells, delta in _rows(report):
-        table.add_row(label, *cells, *([delta] if len(labels) == 2 else []))
+    for name in candidates:
+        table.add_column(f"{name} vs base", justify="right", no_wrap=True)
+    for key in metric_keys(report):
+        cells = [format_value(key, report["results"][name].get(key)) for name in labels]
+        table.add_row(metric_label(key), *cells, *[comparison_cell(report, name, key, compact=True) for name in candidates])
     return table
 
 
 def markdown_report(report: dict) -> str:
-    labels = list(report["results"])
-    two = len(labels) == 2
+    labels, candidates = list(report["results"]), _candidates(report)
+    generation = report["generation"]
     lines = [
         f"# Evaluation: {report['run']}", "",
         f"Base model: `{report['base_model']['name']}`. Held-out examples: {report['examples']}. "
         f"Data hash: `{report['data_hash'][:16]}`.",
-        f"Generation: greedy, at most {report['generation']['max_new_tokens']} new tokens, "
-        f"chat template `{report['generation']['chat_template_sha']}` (the one used in training).", "",
-        "| metric | " + " | ".join(labels) + (" | change |" if two else " |"),
-        "|---|" + "---:|" * (len(labels) + two),
+        f"Generation: greedy, at most {generation['max_new_tokens']} new tokens, batch {generation['batch_size']}, "
+        f"chat template `{generation['chat_template_sha']}` (the one used in training).",
+        f"Intervals: {report.get('confidence', 0.95):.0%} paired bootstrap over examples; p: paired permutation "
+        "test; * marks a significant difference.", "",
+        "| metric | " + " | ".join(labels) + "".join(f" | {c} vs base" for c in candidates) + " |",
+        "|---|" + "---:|" * (len(labels) + len(candidates)),
     ]
-    for label, cells, delta in _rows(report):
-        lines.append(f"| {label} | " + " | ".join(cells) + (f" | {delta} |" if two else " |"))
-    lines += ["", "Per-example answers: `predictions.jsonl`."]
+    for key in metric_keys(report):
+        cells = [format_value(key, report["results"][name].get(key)) for name in labels]
+        cells += [comparison_cell(report, name, key) for name in candidates]
+        lines.append(f"| {metric_label(key)} | " + " | ".join(cells) + " |")
+    for label, comparison in report.get("comparisons", {}).items():
+        exact = comparison["metrics"].get("exact_match")
+        if exact:
+            lines += ["", f"**{label} vs base, exact match per example:** {exact['wins']} wins, {exact['losses']} losses, "
+                      f"{exact['ties']} ties."]
+    lines += ["", "## Overfitting", "", report["overfitting"]["message"] + "."]
+    for label, verdict in report.get("judge", {}).items():
+        lines += ["", f"## Judge: {label} vs base", "",
+                  f"Judge `{verdict['model']}`, {verdict['judged']} examples, each asked in both orders: "
+                  f"{verdict['wins']} wins, {verdict['losses']} losses, {verdict['ties']} ties, {verdict['invalid']} "
+                  f"unreadable; win rate {format_value('judge_win_rate', verdict['win_rate'])}, position agreement "
+                  f"{format_value('judge_win_rate', verdict['position_agreement'])}, agreement with exact match "
+                  f"{format_value('judge_win_rate', verdict['metric_agreement'])}."]
+    if report.get("gates"):
+        from tunesmith.evaluate.gates import describe_outcome
+
+        lines += ["", "## Gates", ""] + [f"- {describe_outcome(outcome)}" for outcome in report["gates"]]
+    lines += ["", "Per-example answers: `predictions.jsonl`; loss curves and answer diffs: `report.html`."]
     return "\n".join(lines) + "\n"
+
+
+def html_report(report: dict, rows: list[dict]) -> str:
+    from tunesmith.evaluate.html_report import render_html
+
+    return render_html(report, rows)

@@ -1,85 +1,189 @@
-"""Evaluation stage entry point: base vs fine-tuned on the same held-out examples, written as a report."""
+"""Evaluation stage entry point: the base, the run's adapter and any candidates on the same held-out examples.
+
+Reads the run directory, writes `<run_dir>/eval/{report.json,report.md,report.html,predictions.jsonl}` and
+`manifest["evaluate"]`. Gates are checked here and reported; the CLI turns a failed gate into a non-zero exit.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 from rich.progress import Progress
 
-from tunesmith.config import RunConfig
-from tunesmith.data.prepare import read_split
+from tunesmith.config import EvaluateConfig, RunConfig
 from tunesmith.data.template import end_of_turn_token_ids, template_fingerprint, tokenize_example
 from tunesmith.errors import TunesmithError
+from tunesmith.evaluate.compare import compare_models, largest_differences, mean_interval
+from tunesmith.evaluate.contenders import BASE, load_contenders, switched_to, trained_adapter_dir
+from tunesmith.evaluate.custom_metrics import load_custom_metrics, load_json_schema
+from tunesmith.evaluate.examples import evaluation_examples
+from tunesmith.evaluate.gates import check_gates, parse_gate
+from tunesmith.evaluate.general import general_check
 from tunesmith.evaluate.generate import generate_batched
 from tunesmith.evaluate.loss import assistant_token_loss
-from tunesmith.evaluate.metrics import is_exact_match, score_generations
-from tunesmith.evaluate.report import markdown_report
-from tunesmith.models import load_tokenizer, load_with_adapter
+from tunesmith.evaluate.metrics import corpus_scores, score_examples
+from tunesmith.evaluate.overfitting import overfitting_check
+from tunesmith.evaluate.report import html_report, markdown_report
+from tunesmith.models import load_tokenizer
 from tunesmith.registry.run_dir import read_manifest, staged_dir, update_manifest, write_json_atomic
 
 EVAL_DIR = "eval"
 
 
-def evaluate_run(run_dir: Path, config: RunConfig) -> dict:
-    """Score the base model and the run's adapter; write `<run_dir>/eval/{report.md,report.json,predictions.jsonl}`."""
+def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), gates: list[str] = ()) -> dict:
+    """Score every model, compare each with the base (paired bootstrap), check gates, and write the report."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    if "train" not in manifest:
-        raise TunesmithError(f"{run_dir} has no trained adapter yet; run `tunesmith train {run_dir}` first")
-    adapter_dir = run_dir / manifest["train"]["adapter_dir"]
+    settings = config.evaluate
+    gate_rules = [parse_gate(text) for text in [*settings.gates, *gates]]
+    check_settings(settings)
+    adapter_dir = trained_adapter_dir(run_dir, manifest)
     tokenizer = load_tokenizer(adapter_dir)  # the exact tokenizer and chat template used in training
     if template_fingerprint(tokenizer) != manifest["data"]["chat_template_sha"]:
         raise TunesmithError(f"{adapter_dir}: chat template differs from the one the data was prepared with")
-    settings = config.evaluate
-    examples = read_split(run_dir, "validation")[: settings.max_examples]
-    prompts = [e.prompt_messages() for e in examples]
+    examples = evaluation_examples(run_dir, manifest)[: settings.max_examples]
+    if not examples:
+        raise TunesmithError(f"{run_dir}: the validation split is empty; raise data.validation_fraction or give data.validation")
     references = [e.reference() for e in examples]
     tokenized = [tokenize_example(tokenizer, [m.model_dump() for m in e.messages], config.data.max_length)
                  for e in examples]
     stop_ids = end_of_turn_token_ids(tokenizer)
-    model = load_with_adapter(manifest["base_model"]["source"], adapter_dir)
+    model, contenders = load_contenders(run_dir, manifest, tokenizer, list(candidates), settings.compare_base)
+    harness_manager = None
+    if settings.harness.tasks:
+        from tunesmith.evaluate.harness import harness_task_manager
 
-    contenders = [("fine-tuned", nullcontext)]
-    if settings.compare_base:
-        contenders.insert(0, ("base", model.disable_adapter))
-    results, generations = {}, {}
+        harness_manager = harness_task_manager(settings.harness)
+
+    results, per_example, outputs, general = {}, {}, {}, {}
     with Progress(transient=True) as progress:
-        for label, adapter_state in contenders:
-            task = progress.add_task(f"evaluate {label}", total=len(prompts))
+        for contender in contenders:
+            task = progress.add_task(f"evaluate {contender.label}", total=len(examples) + 40 * settings.general_check)
             started = time.perf_counter()
-            with adapter_state():
+            with switched_to(model, contender):
                 loss = assistant_token_loss(model, tokenized, tokenizer.pad_token_id, settings.batch_size)
-                outputs = generate_batched(model, tokenizer, prompts, stop_ids, settings.max_new_tokens,
-                                           settings.batch_size, on_batch=lambda n, t=task: progress.advance(t, n))
-            scores = score_generations(outputs, references, settings.json_output)
-            scores.update(validation_loss=loss["loss"], perplexity=loss["perplexity"],
-                          seconds=time.perf_counter() - started)
-            results[label], generations[label] = scores, outputs
+                answers = generate_batched(model, tokenizer, [e.prompt_messages() for e in examples], stop_ids,
+                                           settings.max_new_tokens, settings.batch_size,
+                                           on_batch=lambda n, t=task: progress.advance(t, n))
+                scores = {"validation_loss": loss["loss"], "perplexity": loss["perplexity"]}
+                if settings.general_check:
+                    general[contender.label] = general_check(model, tokenizer, stop_ids, settings.batch_size,
+                                                             on_batch=lambda n, t=task: progress.advance(t, n))
+                    scores.update(general_ppl=general[contender.label]["general_ppl"],
+                                  general_qa=general[contender.label]["general_qa"])
+                if harness_manager is not None:
+                    from tunesmith.evaluate.harness import run_harness
+
+                    scores.update(run_harness(model, tokenizer, settings.harness, harness_manager, settings.batch_size))
+            per_example[contender.label] = score_examples(answers, references, settings)
+            means = {name: sum(v) / len(v) for name, v in per_example[contender.label].items()}
+            means["mean_new_tokens"] = means.pop("new_tokens")
+            results[contender.label] = {**means, **corpus_scores(answers, references, settings), **scores,
+                                        "seconds": time.perf_counter() - started}
+            outputs[contender.label] = answers
 
     report = {
         "run": manifest["name"], "base_model": manifest["base_model"], "examples": len(examples),
         "data_hash": manifest["data"]["dataset_hash"],
+        "models": {c.label: {"adapter": c.adapter_name is not None, "run_dir": str(c.run_dir) if c.run_dir else None}
+                   for c in contenders},
         "generation": {"do_sample": False, "max_new_tokens": settings.max_new_tokens, "stop_token_ids": stop_ids,
                        "batch_size": settings.batch_size, "chat_template_sha": template_fingerprint(tokenizer)},
         "results": {label: {k: round(v, 4) for k, v in scores.items()} for label, scores in results.items()},
+        "intervals": {label: {name: [round(x, 4) for x in mean_interval(values, settings.confidence,
+                                                                          settings.bootstrap_samples)]
+                              for name, values in scores.items() if name != "new_tokens"}
+                      for label, scores in per_example.items()},
+        "confidence": settings.confidence,
+        "comparisons": _comparisons(per_example, general, settings),
+        "overfitting": overfitting_check(manifest.get("train", {}), settings.overfit_tolerance),
     }
-    with staged_dir(run_dir / EVAL_DIR) as staging:
-        write_json_atomic(staging / "report.json", report)
-        (staging / "report.md").write_text(markdown_report(report), encoding="utf-8")
-        _write_predictions(staging / "predictions.jsonl", examples, references, generations, settings.json_output)
-    update_manifest(run_dir, "evaluate", {"report": f"{EVAL_DIR}/report.json", "results": report["results"]})
+    if settings.judge.base_url:
+        report["judge"] = _judge(settings, examples, references, outputs, per_example, report["results"])
+    report["gates"] = check_gates(gate_rules, report["results"], BASE if BASE in results else None)
+    report["passed"] = all(outcome["passed"] for outcome in report["gates"])
+    _write(run_dir, report, examples, references, outputs, per_example, general)
+    update_manifest(run_dir, "evaluate", {"report": f"{EVAL_DIR}/report.json", "results": report["results"],
+                                          "gates": report["gates"], "passed": report["passed"]})
     return report
 
 
-def _write_predictions(path: Path, examples, references, generations: dict, json_output: bool) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for index, example in enumerate(examples):
-            row = {"line": example.source_line, "prompt": example.messages[-2].content, "reference": references[index]}
-            for label, outputs in generations.items():
-                out = outputs[index]
-                row[label] = {"text": out.text, "stopped": out.stopped,
-                              "exact_match": is_exact_match(out.text, references[index], json_output)}
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+def check_settings(settings: EvaluateConfig) -> None:
+    """Catch bad evaluate options before any model is loaded."""
+    if settings.regex:
+        try:
+            re.compile(settings.regex)
+        except re.error as exc:
+            raise TunesmithError(f"evaluate.regex {settings.regex!r} is not a valid regular expression ({exc})") from None
+    if not 0 < settings.confidence < 1:
+        raise TunesmithError(f"evaluate.confidence {settings.confidence} must be between 0 and 1, such as 0.95")
+    if settings.json_schema:
+        load_json_schema(str(settings.json_schema))
+    load_custom_metrics(tuple(settings.custom_metrics))
+    if settings.judge.base_url and not settings.judge.model:
+        raise TunesmithError("evaluate.judge.model is empty; name the model the judge endpoint serves")
+
+
+def _comparisons(per_example: dict, general: dict, settings: EvaluateConfig) -> dict:
+    if BASE not in per_example:
+        return {}
+    comparisons = {}
+    for label, scores in per_example.items():
+        if label == BASE:
+            continue
+        metrics = compare_models(per_example[BASE], scores, settings.confidence, settings.bootstrap_samples)
+        if label in general and BASE in general:
+            metrics.update(compare_models({"general_qa": general[BASE]["per_question"]},
+                                          {"general_qa": general[label]["per_question"]},
+                                          settings.confidence, settings.bootstrap_samples))
+        comparisons[label] = {"metrics": metrics,
+                              **largest_differences(per_example[BASE], scores, settings.show_differences)}
+    return comparisons
+
+
+def _judge(settings: EvaluateConfig, examples, references, outputs, per_example, results) -> dict:
+    from tunesmith.evaluate.judge import judge_candidate
+
+    if BASE not in outputs:
+        raise TunesmithError("the judge compares candidates with the base model; set evaluate.compare_base=true")
+    verdicts = {}
+    requests = [e.messages[-2].content for e in examples]
+    base_answers = [g.text for g in outputs[BASE]]
+    metric = "exact_match" if "exact_match" in per_example[BASE] else next(iter(per_example[BASE]))
+    for label, answers in outputs.items():
+        if label == BASE:
+            continue
+        deltas = [c - b for b, c in zip(per_example[BASE][metric], per_example[label][metric])]
+        verdicts[label] = judge_candidate(settings.judge, requests, references, base_answers,
+                                          [g.text for g in answers], deltas)
+        if verdicts[label]["win_rate"] is not None:
+            results[label]["judge_win_rate"] = round(verdicts[label]["win_rate"], 4)
+    return verdicts
+
+
+def _write(run_dir: Path, report: dict, examples, references, outputs, per_example, general) -> None:
+    with staged_dir(run_dir / EVAL_DIR) as staging:
+        write_json_atomic(staging / "report.json", report)
+        (staging / "report.md").write_text(markdown_report(report), encoding="utf-8")
+        rows = _prediction_rows(examples, references, outputs, per_example)
+        with (staging / "predictions.jsonl").open("w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        if general:
+            write_json_atomic(staging / "general.json", general)
+        (staging / "report.html").write_text(html_report(report, rows), encoding="utf-8")
+
+
+def _prediction_rows(examples, references, outputs: dict, per_example: dict) -> list[dict]:
+    rows = []
+    for index, example in enumerate(examples):
+        row = {"line": example.source_line, "prompt": example.messages[-2].content, "reference": references[index]}
+        for label, answers in outputs.items():
+            scores = per_example[label]
+            row[label] = {"text": answers[index].text, "stopped": answers[index].stopped,
+                          "exact_match": bool(scores["exact_match"][index]),
+                          "token_f1": round(scores["token_f1"][index], 4)}
+        rows.append(row)
+    return rows

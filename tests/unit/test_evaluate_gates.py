@@ -1,0 +1,90 @@
+"""Gates, the overfitting check on recorded loss curves, judge verdict handling, and the shipped general sets."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunesmith.errors import TunesmithError
+from tunesmith.evaluate.gates import check_gates, describe_outcome, parse_gate
+from tunesmith.evaluate.general import general_questions, general_texts, mentions_answer
+from tunesmith.evaluate.judge import combine, parse_verdict, summarize
+from tunesmith.evaluate.overfitting import overfitting_check
+
+RESULTS = {"base": {"exact_match": 0.40, "general_ppl": 10.0},
+           "fine-tuned": {"exact_match": 0.55, "general_ppl": 10.4},
+           "other": {"exact_match": 0.70, "general_ppl": 11.0}}
+
+
+def test_relative_and_absolute_gates_say_which_model_failed_and_by_how_much():
+    gates = [parse_gate("exact_match >= base + 0.20"), parse_gate("general_ppl <= base * 1.05"),
+             parse_gate("exact_match > 0.5")]
+    outcomes = {(o["gate"], o["model"]): o for o in check_gates(gates, RESULTS, "base")}
+    assert len(outcomes) == 6  # every gate against every model but the base
+    failed = outcomes[("exact_match >= base + 0.20", "fine-tuned")]
+    assert not failed["passed"] and failed["threshold"] == pytest.approx(0.60)
+    assert failed["margin"] == pytest.approx(-0.05)
+    assert "FAILED: fine-tuned exact_match = 0.55 vs threshold 0.6" in describe_outcome(failed)
+    assert "margin -0.05" in describe_outcome(failed)
+    assert outcomes[("exact_match >= base + 0.20", "other")]["passed"]
+    assert outcomes[("general_ppl <= base * 1.05", "fine-tuned")]["passed"]
+    assert not outcomes[("general_ppl <= base * 1.05", "other")]["passed"]  # 11.0 > 10.5
+    assert outcomes[("exact_match > 0.5", "fine-tuned")]["passed"]
+
+
+@pytest.mark.parametrize("text", ["exact_match >> base", "exact_match >= base + lots", "= 3", "exact_match"])
+def test_malformed_gates_are_one_clear_error(text):
+    with pytest.raises(TunesmithError, match="examples:"):
+        parse_gate(text)
+
+
+def test_gate_on_an_unknown_metric_names_the_known_ones():
+    with pytest.raises(TunesmithError, match="no metric 'exact' .*known: exact_match, general_ppl"):
+        check_gates([parse_gate("exact >= 0.5")], RESULTS, "base")
+
+
+def test_relative_gate_without_a_base_is_refused():
+    with pytest.raises(TunesmithError, match="compare_base"):
+        check_gates([parse_gate("exact_match >= base")], {"fine-tuned": RESULTS["fine-tuned"]}, None)
+
+
+def curve(*losses, every=10):
+    return [{"step": every * (i + 1), "loss": loss} for i, loss in enumerate(losses)]
+
+
+def test_overfitting_is_flagged_when_validation_rises_while_training_falls():
+    train = {"loss_curve": curve(2.0, 1.0, 0.5, 0.2, 0.05), "validation_curve": curve(2.1, 1.2, 1.0, 1.3, 1.6)}
+    verdict = overfitting_check(train, tolerance=0.10)
+    assert verdict["overfitting"] and verdict["status"] == "diverging"
+    assert verdict["best_step"] == 30 and verdict["relative_rise"] == pytest.approx(0.6)
+    assert "rose 60%" in verdict["message"]
+
+
+def test_healthy_curves_and_missing_validation_curve_are_not_flagged():
+    healthy = overfitting_check({"loss_curve": curve(2.0, 1.0, 0.5), "validation_curve": curve(2.1, 1.2, 1.15)}, 0.10)
+    assert healthy["status"] == "ok" and not healthy["overfitting"]
+    small_rise = overfitting_check({"loss_curve": curve(2.0, 1.0, 0.5), "validation_curve": curve(2.1, 1.0, 1.05)}, 0.10)
+    assert small_rise["status"] == "ok"
+    missing = overfitting_check({"loss_curve": curve(2.0, 1.0)}, 0.10)
+    assert missing["status"] == "unknown" and not missing["overfitting"] and missing["train_curve"]
+
+
+def test_judge_verdicts_are_read_and_position_swaps_combined():
+    assert [parse_verdict(t) for t in ["A", " b.", "Tie", "**B** is better", "Answer A", ""]] == \
+        ["A", "B", "TIE", "B", None, None]
+    # First call has the candidate as B, the second as A.
+    assert combine("B", "A") == "win" and combine("A", "B") == "loss"
+    assert combine("B", "B") == "tie"  # the judge preferred whichever came second: position bias
+    assert combine("TIE", "TIE") == "tie" and combine(None, "A") == "invalid"
+    summary = summarize(["win", "win", "loss", "tie", "invalid"], [True, True, True, False, False],
+                        [1.0, 0.0, -1.0, 0.0, 0.0])
+    assert summary["wins"] == 2 and summary["losses"] == 1 and summary["ties"] == 1 and summary["invalid"] == 1
+    assert summary["win_rate"] == pytest.approx(2.5 / 4) and summary["position_agreement"] == pytest.approx(3 / 4)
+    assert summary["metric_agreement"] == 1.0  # the one win and one loss where the metric moved agree with it
+
+
+def test_shipped_general_sets_load_and_score_whole_words():
+    assert len(general_texts()) >= 20 and all(len(t.split()) > 10 for t in general_texts())
+    questions = general_questions()
+    assert len(questions) >= 30 and all(q["answers"] for q in questions)
+    assert mentions_answer("The capital is Paris.", ["Paris"])
+    assert not mentions_answer("Parisian food", ["Paris"]) and not mentions_answer("14", ["4", "four"])

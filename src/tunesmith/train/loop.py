@@ -156,7 +156,7 @@ class SftLoop:
         indices = self.plan.step_examples(step)
         step_tokens = sum(trained_token_count(self.train_examples[i]) for i in indices)
         shares = micro_batches(indices, settings.batch_size, accelerator.process_index, accelerator.num_processes)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum, tokens = torch.zeros((), dtype=torch.float64), 0
         self.module.train()
         for number, share in enumerate(shares):
             batch = self.micro_batch(share, fallback=indices[0])
@@ -167,10 +167,11 @@ class SftLoop:
             # DDP averages gradients over processes; scaling by their count keeps this a per-token mean.
             accelerator.backward(loss * accelerator.num_processes / max(1, step_tokens))
             loss_sum += loss.detach().double().cpu()
-            self.progress.tokens_seen += int((batch["labels"].numel() if "position_ids" in batch
-                                              else batch["attention_mask"].sum()))
-        total = accelerator.reduce(loss_sum.to(accelerator.device), reduction="sum").item()
-        step_loss = total / max(1, step_tokens)
+            tokens += int(batch["labels"].numel() if "position_ids" in batch else batch["attention_mask"].sum())
+        totals = accelerator.reduce(torch.tensor([loss_sum.item(), float(tokens)], dtype=torch.float64,
+                                                 device=accelerator.device), reduction="sum")
+        step_loss = totals[0].item() / max(1, step_tokens)
+        self.progress.tokens_seen += int(totals[1].item())
         if not math.isfinite(step_loss):
             raise TunesmithError(
                 f"training loss became {step_loss} at step {step + 1}: the run stopped before applying that update; "

@@ -39,8 +39,9 @@ class SignatureMaker:
         return self.minhash(text).hashvalues.astype(np.uint32)
 
     def from_signature(self, signature: np.ndarray):
-        return self._minhash(num_perm=len(signature), seed=self.prototype.seed, hashvalues=signature.astype(np.uint64),
-                             scheme=self.prototype.scheme)
+        proto = self.prototype  # reusing its permutations skips datasketch's per-object RNG set-up
+        return self._minhash(seed=proto.seed, hashfunc=self._hashfunc, hashvalues=signature,
+                             permutations=proto.permutations, scheme=proto.scheme)
 
 
 class NearDuplicateIndex:

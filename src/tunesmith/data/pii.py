@@ -16,7 +16,7 @@ PATTERNS = {
     "email": re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"),
     "credit_card": re.compile(r"\b\d(?:[ -]?\d){12,18}\b"),
     "ip_address": re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b|\b(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}\b"),
-    "phone": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?)?\d{2,4}[ .-]\d{3,4}[ .-]?\d{3,4}(?!\w)"),
+    "phone": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,3}(?![\w.-]\d)(?!\w)"),
 }
 # Quick pre-checks: most text has no digit run, no '@' and no key prefix, and skipping the regexes then is cheap.
 HAS_DIGITS = re.compile(r"\d{3}")
@@ -50,6 +50,8 @@ def _replacement(kind: str, match: re.Match, counts: Counter) -> str:
         return found
     if kind == "ip_address" and not _is_ip(found):
         return found
+    if kind == "phone" and not _looks_like_phone(found):
+        return found
     counts[kind] += 1
     if kind == "secret":
         return f"{match.group(1)}{match.group(2)}[SECRET]"
@@ -62,3 +64,9 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _looks_like_phone(text: str) -> bool:
+    """9 to 15 digits, or fewer behind a country or area code; keeps dates and version numbers."""
+    digits = len(re.sub(r"\D", "", text))
+    return 9 <= digits <= 15 or (7 <= digits <= 15 and text[:1] in "+(")

@@ -21,19 +21,26 @@ from tunesmith.types import ChatExample, PreferenceExample, UnpairedPreferenceEx
 RECORD_TYPES = {"sft": ChatExample, "preference": PreferenceExample, "unpaired_preference": UnpairedPreferenceExample}
 
 
-def preflight_report(run_dir: Path, config, tokenizer, data_section: dict, extra_benchmarks: tuple = ()) -> dict:
+def preflight_report(run_dir: Path, config, tokenizer, data_section: dict, extra_benchmarks: tuple = (),
+                     from_prepare: bool = False) -> dict:
     """Every check with ok/detail; `run_dir` may be a staging folder (its data/ is read)."""
     kind = data_section.get("kind", "sft")
     checks = [_template_check(tokenizer, data_section)]
-    train = _records(Path(run_dir) / data_section["train_file"], kind)
+    train_file = Path(run_dir) / data_section["train_file"]
     if kind == "sft":
-        checks += [_mask_check(tokenizer, example) for example in train[: config.data.preflight_examples]]
-    validation = _records(Path(run_dir) / data_section["validation_file"], kind)
-    checks.append(overlap_check(train, {"validation": validation}, config.data, "held-out rows vs train",
-                                must_be_zero=config.data.leakage == "remove"))
+        checks += [_mask_check(tokenizer, example) for example in _records(train_file, kind, config.data.preflight_examples)]
+    if from_prepare:  # the pipeline has just compared every held-out row with train; report what it did
+        leaked = data_section["accounting"]["dropped"].get("leakage", 0)
+        flagged = data_section["accounting"]["flagged"].get("leakage", 0)
+        checks.append({"name": "held-out rows vs train", "ok": True, "overlaps": flagged,
+                       "detail": f"{leaked} overlapping held-out row(s) removed, {flagged} flagged and kept"})
+    else:
+        validation = list(_records(Path(run_dir) / data_section["validation_file"], kind))
+        checks.append(overlap_check(_records(train_file, kind), {"validation": validation}, config.data, "held-out rows vs train",
+                                    must_be_zero=config.data.leakage == "remove"))
     benchmarks = {str(path): _benchmark_records(Path(path)) for path in [*config.data.benchmark_files, *extra_benchmarks]}
     if benchmarks:
-        checks.append(overlap_check(train, benchmarks, config.data, "benchmark rows vs train", must_be_zero=True))
+        checks.append(overlap_check(_records(train_file, kind), benchmarks, config.data, "benchmark rows vs train", must_be_zero=True))
     return {"ok": all(c["ok"] for c in checks), "checks": checks}
 
 
@@ -80,20 +87,20 @@ def _mask_check(tokenizer, example: ChatExample) -> dict:
                                                 f"{len(answers)} answer(s), each ending in an end-of-turn token"}
 
 
-def overlap_check(train: list, others: dict[str, list], data, name: str, must_be_zero: bool) -> dict:
+def overlap_check(train, others: dict[str, list], data, name: str, must_be_zero: bool) -> dict:
     """Exact and near duplicates between `others` and the training rows (MinHash LSH over train)."""
     index = NearDuplicateIndex(data.near_duplicate_threshold, data.minhash_permutations)
-    exact = {}
-    for row, record in enumerate(train):
+    exact, rows = {}, 0
+    for rows, record in enumerate(train, start=1):
         text = dedup_text(record)
-        exact.setdefault(exact_key(text), row)
-        index.add(row, index.maker.signature(text))
+        exact.setdefault(exact_key(text), rows)
+        index.add(rows, index.maker.signature(text))
     found = {}
     for label, records in others.items():
         hits = []
         for record in records:
             text = dedup_text(record)
-            if exact_key(text) in exact or index.add(len(train), index.maker.signature(text), insert=False):
+            if exact_key(text) in exact or index.add(rows + 1, index.maker.signature(text), insert=False):
                 hits.append(record.source_line)
         found[label] = hits
     total = sum(len(hits) for hits in found.values())
@@ -102,14 +109,15 @@ def overlap_check(train: list, others: dict[str, list], data, name: str, must_be
     return {"name": name, "ok": total == 0 or not must_be_zero, "detail": detail, "overlaps": total}
 
 
-def _records(path: Path, kind: str) -> list:
-    records = []
+def _records(path: Path, kind: str, limit: int | None = None):
+    """Records of a run-directory split, streamed (the first `limit` only, when given)."""
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
+            if limit is not None and line_no > limit:
+                return
             record = RECORD_TYPES[kind].model_validate_json(line)
             record.source_line = line_no
-            records.append(record)
-    return records
+            yield record
 
 
 def _benchmark_records(path: Path) -> list:

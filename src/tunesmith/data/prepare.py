@@ -47,7 +47,7 @@ def prepare(config: RunConfig, overwrite: bool = False) -> Path:
         if data_section["kind"] == "sft":
             from tunesmith.data.preflight import preflight_report, raise_on_failures
 
-            report = preflight_report(staging, config, tokenizer, data_section)
+            report = preflight_report(staging, config, tokenizer, data_section, from_prepare=True)
             write_json_atomic(data_dir / "preflight.json", report)
             raise_on_failures(report)
     return run_dir

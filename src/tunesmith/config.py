@@ -59,7 +59,7 @@ class DataConfig(_Section):
     """Benchmark files that must not overlap the training data; the pre-flight check fails if they do."""
     num_proc: int | None = None
     """Worker processes for parsing, cleaning and hashing; default: all cores for inputs over 20 MB, else one."""
-    token_stats_rows: int = 20000
+    token_stats_rows: int = 5000
     """Token statistics are exact up to this many rows per split, estimated from a content-hash sample above it."""
     preflight_examples: int = 3
     """Training examples rendered and mask-checked by the pre-flight check."""

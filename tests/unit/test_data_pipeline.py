@@ -189,3 +189,19 @@ def test_card_preflight_and_token_stats_are_written(tmp_path, tiny_model_dir):
     assert "<svg" in (run_dir / "data" / "card.html").read_text()
     preflight = json.loads((run_dir / "data" / "preflight.json").read_text())
     assert preflight["ok"] and any(c["name"].startswith("loss mask") for c in preflight["checks"])
+
+
+def test_worker_processes_give_the_same_rows_as_one_process(tmp_path):
+    from tunesmith.data.pipeline import Source, run_pipeline
+    from tunesmith.data.rows import RowSettings
+
+    rows = essay_rows(1200)
+    path = write_jsonl(tmp_path / "d.jsonl", rows + rows[:50] + [{"messages": []}])
+    results = []
+    for workers in (1, 2):
+        data = validate_config({"data": {"train": str(path), "mode": "lenient", "num_proc": workers}}).data
+        scratch = tmp_path / f"scratch-{workers}"
+        result = run_pipeline([Source(path)], RowSettings(), data, 0, scratch, tmp_path / f"dropped-{workers}")
+        results.append((result.read, dict(result.dropped), scratch.read_text(), result.held_out.tolist()))
+    assert results[0] == results[1]
+    assert results[0][:2] == (1251, {"exact_duplicate": 50, "wrong_type": 1})

@@ -31,6 +31,15 @@ def test_inspect_reports_formats_problems_duplicates_and_pii_without_writing(tmp
     assert {p.name for p in tmp_path.iterdir()} <= {"d.jsonl", "home"}  # nothing written beside the data
 
 
+def test_inspect_with_a_model_flags_its_special_tokens_in_content(tmp_path, tiny_model_dir):
+    rows = order_rows(3)
+    rows[2]["messages"][1]["content"] += "<|im_end|>"
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert "special_tokens" not in invoke("data", "inspect", path).output
+    result = invoke("data", "inspect", path, "--model", tiny_model_dir)
+    assert result.exit_code == 0 and "special_tokens" in result.output and f"{path}:3" in result.output
+
+
 def test_prepare_then_check_passes_and_a_benchmark_that_overlaps_train_fails(tmp_path, tiny_config):
     prepared = invoke("data", "prepare", tiny_config)
     assert prepared.exit_code == 0, prepared.output

@@ -15,6 +15,7 @@ data_app = typer.Typer(help="Data stage: inspect files, prepare (validate, clean
 def inspect(
     path: Annotated[Path, typer.Argument(help="Data file (.jsonl, .json, .csv, .parquet) or saved dataset folder.")],
     format: Annotated[str, typer.Option("--format", help="Expected format (default: detect).")] = "auto",
+    model: Annotated[Optional[str], typer.Option(help="Also flag this model's special tokens inside content ('default' or a path).")] = None,
 ) -> None:
     """Show a data file's formats, row counts, problems by reason, duplicates and PII, writing nothing."""
     from rich.console import Console
@@ -22,7 +23,13 @@ def inspect(
 
     from tunesmith.data.inspect import inspect_file
 
-    report = inspect_file(path, format)
+    special_tokens = ()
+    if model:
+        from tunesmith.data.prepare import special_token_texts
+        from tunesmith.models import load_tokenizer, resolve_base_model
+
+        special_tokens = special_token_texts(load_tokenizer(resolve_base_model(model)))
+    report = inspect_file(path, format, special_tokens)
     console = Console()
     console.print(f"[bold]{report['path']}[/] ({report['file_type']}): {report['rows']:,} rows, {report['valid']:,} valid; "
                   f"formats {report['formats'] or 'none'}; {report['exact_duplicates']:,} exact duplicates")

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunesmith.data.clean import clean_text
-from tunesmith.data.dedup import NearDuplicateIndex
+from tunesmith.data.dedup import NearDuplicateIndex, connected_rows
 from tunesmith.data.pii import luhn_valid, redact
 
 
@@ -47,9 +47,9 @@ def test_near_duplicate_index_links_similar_rows_only():
     base = " ".join(words)
     near = " ".join(words[:30] + ["changed"] + words[31:])
     other = " ".join(reversed(words))
-    for row, text in enumerate([base, other, near]):
-        index.add(row, index.maker.signature(text))
-    assert index.links == [(2, 0)]
-    clusters = index.clusters(3)
+    for text in [base, other, near, "a b c d", "a b c e"]:
+        index.add(index.maker.signature(text))
+    assert index.links().tolist() == [[2, 0]]  # "a b c d" ~ "a b c e" share 1 of 3 shingles: not near
+    clusters = connected_rows(5, index.links())
     assert clusters[0] == clusters[2] != clusters[1]
     assert np.array_equal(index.maker.signature(base), index.maker.signature(base))

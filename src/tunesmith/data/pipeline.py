@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunesmith.data.dedup import NearDuplicateIndex
+from tunesmith.data.dedup import NearDuplicateIndex, connected_rows
 from tunesmith.data.formats import KIND_OF_FORMAT
 from tunesmith.data.readers import file_type, iter_raw_lines, iter_records
 from tunesmith.data.rows import CheckedRow, RowSettings, check_chunk, init_worker
@@ -165,12 +165,8 @@ def _add_row(rows: PoolRows, index: NearDuplicateIndex, source: int, checked: Ch
     rows.line.append(checked.line)
     rows.content.append(checked.content)
     rows.label.append(checked.label or "")
-    first = rows.exact_first.setdefault(checked.exact, row)
-    rows.exact_of.append(first)
-    if first != row:
-        index.links.append((row, first))  # an exact copy needs no LSH lookup
-    else:
-        index.add(row, checked.signature)
+    rows.exact_of.append(rows.exact_first.setdefault(checked.exact, row))
+    index.add(checked.signature)
 
 
 def decide_rows(rows: PoolRows, index: NearDuplicateIndex, sources: list[Source], data, seed: int):
@@ -186,7 +182,7 @@ def decide_rows(rows: PoolRows, index: NearDuplicateIndex, sources: list[Source]
     else:
         held_out = buckets < data.validation_fraction
     exact = np.array(rows.exact_of)
-    near = index.clusters(count)
+    near = connected_rows(count, index.links(), np.stack([np.arange(count), exact], axis=1))
     cluster = {"near": near, "exact": exact, "off": np.arange(count)}[data.dedup]
     if from_held_out_file.any():  # the user's own split: dedup within each side; overlap is leakage below
         cluster = cluster * 2 + from_held_out_file

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith.data.clean import clean_text, dedup_text, map_texts
-from tunesmith.data.dedup import NearDuplicateIndex, exact_key
+from tunesmith.data.dedup import NearDuplicateIndex, connected_rows, exact_key
 from tunesmith.data.formats import RowError, convert_record
 from tunesmith.data.readers import iter_records
 from tunesmith.data.template import (IGNORE_INDEX, end_of_turn_token_ids, generation_prompt_ids, template_fingerprint,
@@ -88,21 +88,25 @@ def _mask_check(tokenizer, example: ChatExample) -> dict:
 
 
 def overlap_check(train, others: dict[str, list], data, name: str, must_be_zero: bool) -> dict:
-    """Exact and near duplicates between `others` and the training rows (MinHash LSH over train)."""
+    """Exact and near duplicates (MinHash LSH) between the rows of `others` and the training rows."""
     index = NearDuplicateIndex(data.near_duplicate_threshold, data.minhash_permutations)
-    exact, rows = {}, 0
-    for rows, record in enumerate(train, start=1):
+    exact = set()
+    for record in train:
         text = dedup_text(record)
-        exact.setdefault(exact_key(text), rows)
-        index.add(rows, index.maker.signature(text))
-    found = {}
+        exact.add(exact_key(text))
+        index.add(index.maker.signature(text))
+    train_rows, candidates = index.rows, []
     for label, records in others.items():
-        hits = []
         for record in records:
             text = dedup_text(record)
-            if exact_key(text) in exact or index.add(rows + 1, index.maker.signature(text), insert=False):
-                hits.append(record.source_line)
-        found[label] = hits
+            candidates.append((label, record.source_line, exact_key(text) in exact))
+            index.add(index.maker.signature(text))
+    clusters = connected_rows(index.rows, index.links())
+    near_train = set(clusters[:train_rows].tolist())
+    found = {label: [] for label in others}
+    for row, (label, line, is_exact) in enumerate(candidates, start=train_rows):
+        if is_exact or clusters[row] in near_train:
+            found[label].append(line)
     total = sum(len(hits) for hits in found.values())
     detail = "; ".join(f"{label}: {len(hits)} overlapping (lines {', '.join(map(str, hits[:10]))})"
                        for label, hits in found.items() if hits) or "no overlap"

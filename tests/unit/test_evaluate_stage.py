@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-import time
 
 import pytest
 import yaml
-from conftest import order_rows, write_jsonl
+from conftest import order_rows, serving_on_loopback, write_jsonl
 from typer.testing import CliRunner
 
 from tunesmith.config import load_run_config
@@ -115,22 +113,12 @@ def test_overfitting_flag_and_both_loss_curves_come_from_the_manifest(runs, tmp_
 @pytest.fixture(scope="module")
 def judge_url(runs):
     """`tunesmith serve`'s app on a loopback port, serving the tiny base model as the judge."""
-    import uvicorn
-
     from tunesmith.serve.app import build_app
     from tunesmith.serve.engine import ServingEngine
 
     engine = ServingEngine.from_run_dir(runs[1], default_max_tokens=4)
-    server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "judge server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1", engine.base_name
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving_on_loopback(build_app(engine)) as url:
+        yield f"{url}/v1", engine.base_name
 
 
 def test_llm_judge_over_an_openai_compatible_endpoint_asks_both_orders(runs, judge_url):

@@ -72,6 +72,14 @@ def _deepspeed_plugin(train):
     if train.deepspeed_config:
         if not train.deepspeed_config.is_file():
             raise TunesmithError(f"train.deepspeed_config: {train.deepspeed_config} not found; give a DeepSpeed JSON file")
-        return DeepSpeedPlugin(hf_ds_config=str(train.deepspeed_config))
-    return DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=train.grad_accum,
-                           gradient_clipping=train.max_grad_norm or 0.0)
+        plugin = DeepSpeedPlugin(hf_ds_config=str(train.deepspeed_config))
+    else:
+        plugin = DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=train.grad_accum,
+                                 gradient_clipping=train.max_grad_norm or 0.0)
+    # tunesmith feeds batches itself (no DataLoader for accelerate to read "auto" values from): fill them in.
+    filled = {"train_micro_batch_size_per_gpu": max(1, train.batch_size // launched_world_size()),
+              "gradient_accumulation_steps": train.grad_accum, "gradient_clipping": train.max_grad_norm or 0.0}
+    for key, value in filled.items():
+        if plugin.deepspeed_config.get(key, "auto") == "auto":
+            plugin.deepspeed_config[key] = value
+    return plugin

@@ -55,8 +55,8 @@ def train_sft(run_dir: Path, config: RunConfig, resume: bool = False) -> dict:
     trainable, total = trainable_parameter_counts(model)
     module = trained_token_loss_module(model)
     if settings.compile:
-        model.get_base_model().get_decoder().compile(dynamic=True) if hasattr(model, "get_base_model") \
-            else model.get_decoder().compile(dynamic=True)
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        causal_lm.get_decoder().compile(dynamic=True)  # in place: parameter names (and checkpoints) stay the same
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
                                   weight_decay=settings.weight_decay)
     plan = StepPlan(len(train_examples), settings.batch_size * settings.grad_accum, config.seed)

@@ -70,6 +70,7 @@ def test_base_run_and_candidate_side_by_side_with_intervals_and_reports(runs):
     html = (eval_dir / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "<polyline" in html and "http" not in html.replace(
         'xmlns="http://www.w3.org/2000/svg"', "")  # self-contained: nothing fetched
+    assert "class='example'" in html and "<b>reference</b>" in html
     rows = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and {"base", "fine-tuned", "rival"} <= rows[0].keys()
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -95,6 +96,10 @@ def test_bad_gates_and_options_fail_before_any_model_loads(runs):
         evaluate_run(run_dir, load_run_config(run_dir), gates=["exact_match >>> base"])
     with pytest.raises(TunesmithError, match="not a valid regular expression"):
         evaluate_run(run_dir, load_run_config(run_dir, ["evaluate.regex=(unclosed"]))
+    with pytest.raises(TunesmithError, match="compare_base is false"):
+        evaluate_run(run_dir, load_run_config(run_dir, ["evaluate.compare_base=false"]), gates=["exact_match >= base"])
+    with pytest.raises(TunesmithError, match="custom metric|custom_metrics"):
+        evaluate_run(run_dir, load_run_config(run_dir, ["evaluate.custom_metrics=[missing.py:f]"]))
 
 
 def test_overfitting_flag_and_both_loss_curves_come_from_the_manifest(runs, tmp_path):

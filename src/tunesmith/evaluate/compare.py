@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-# Metrics where a smaller per-example value is better; all others are better when larger.
-LOWER_IS_BETTER = {"new_tokens"}
-NOT_COMPARED = {"new_tokens"}
+NOT_COMPARED = {"new_tokens"}  # answer length is shown per model; longer is neither better nor worse
 
 
 def mean_interval(values: list[float], confidence: float, resamples: int, seed: int = 0) -> tuple[float, float]:
@@ -57,11 +55,6 @@ def compare_models(base_scores: dict[str, list[float]], candidate_scores: dict[s
     """`paired_comparison` for every per-example metric both models have."""
     return {name: paired_comparison(base_scores[name], candidate_scores[name], confidence, resamples)
             for name in base_scores if name in candidate_scores and name not in NOT_COMPARED}
-
-
-def primary_metric(scores: dict[str, list[float]]) -> str:
-    """The metric used to rank per-example differences: graded token F1 distinguishes more than exact match."""
-    return "token_f1" if "token_f1" in scores else next(iter(scores))
 
 
 def largest_differences(base_scores: dict[str, list[float]], candidate_scores: dict[str, list[float]],

@@ -89,7 +89,7 @@ def terminal_table(report: dict) -> Table:
     return table
 
 
-def markdown_report(report: dict) -> str:
+def markdown_report(report: dict, rows: list[dict] | None = None) -> str:
     labels, candidates = list(report["results"]), _candidates(report)
     generation = report["generation"]
     lines = [
@@ -112,6 +112,7 @@ def markdown_report(report: dict) -> str:
         if exact:
             lines += ["", f"**{label} vs base, exact match per example:** {exact['wins']} wins, {exact['losses']} losses, "
                       f"{exact['ties']} ties."]
+    lines += _difference_lines(report, rows or [])
     lines += ["", "## Overfitting", "", report["overfitting"]["message"] + "."]
     for label, verdict in report.get("judge", {}).items():
         lines += ["", f"## Judge: {label} vs base", "",
@@ -126,6 +127,26 @@ def markdown_report(report: dict) -> str:
         lines += ["", "## Gates", ""] + [f"- {describe_outcome(outcome)}" for outcome in report["gates"]]
     lines += ["", "Per-example answers: `predictions.jsonl`; loss curves and answer diffs: `report.html`."]
     return "\n".join(lines) + "\n"
+
+
+def _difference_lines(report: dict, rows: list[dict]) -> list[str]:
+    """Markdown for the examples where each candidate gained or lost most against the base."""
+    lines = []
+    for label, comparison in report.get("comparisons", {}).items():
+        picked = [("gained", i) for i in comparison.get("gained", [])] + [("lost", i) for i in comparison.get("lost", [])]
+        if not picked or not rows:
+            continue
+        lines += ["", f"### Where {label} differs most from base", ""]
+        for kind, index in picked:
+            row = rows[index]
+            lines.append(f"- {kind}, data line {row['line']}: `{_clip(row['prompt'])}` -> base `{_clip(row['base']['text'])}`, "
+                         f"{label} `{_clip(row[label]['text'])}` (reference `{_clip(row['reference'])}`)")
+    return lines
+
+
+def _clip(text: str, width: int = 80) -> str:
+    text = " ".join(text.split()).replace("`", "'")
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def html_report(report: dict, rows: list[dict]) -> str:

@@ -21,7 +21,7 @@ from tunesmith.evaluate.contenders import BASE, load_contenders, switched_to, tr
 from tunesmith.evaluate.custom_metrics import load_custom_metrics, load_json_schema
 from tunesmith.evaluate.examples import evaluation_examples
 from tunesmith.evaluate.gates import check_gates, parse_gate
-from tunesmith.evaluate.general import general_check
+from tunesmith.evaluate.general import general_check, general_questions
 from tunesmith.evaluate.generate import generate_batched
 from tunesmith.evaluate.loss import assistant_token_loss
 from tunesmith.evaluate.metrics import corpus_scores, score_examples
@@ -40,6 +40,9 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
     settings = config.evaluate
     gate_rules = [parse_gate(text) for text in [*settings.gates, *gates]]
     check_settings(settings)
+    if not settings.compare_base and any(rule.relative_to_base for rule in gate_rules):
+        raise TunesmithError("a gate compares with the base model, but evaluate.compare_base is false; "
+                             "set it to true or use absolute thresholds such as `exact_match >= 0.8`")
     adapter_dir = trained_adapter_dir(run_dir, manifest)
     tokenizer = load_tokenizer(adapter_dir)  # the exact tokenizer and chat template used in training
     if template_fingerprint(tokenizer) != manifest["data"]["chat_template_sha"]:
@@ -61,7 +64,8 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
     results, per_example, outputs, general = {}, {}, {}, {}
     with Progress(transient=True) as progress:
         for contender in contenders:
-            task = progress.add_task(f"evaluate {contender.label}", total=len(examples) + 40 * settings.general_check)
+            task = progress.add_task(f"evaluate {contender.label}",
+                                     total=len(examples) + len(general_questions()) * settings.general_check)
             started = time.perf_counter()
             with switched_to(model, contender):
                 loss = assistant_token_loss(model, tokenized, tokenizer.pad_token_id, settings.batch_size)
@@ -125,6 +129,8 @@ def check_settings(settings: EvaluateConfig) -> None:
     load_custom_metrics(tuple(settings.custom_metrics))
     if settings.judge.base_url and not settings.judge.model:
         raise TunesmithError("evaluate.judge.model is empty; name the model the judge endpoint serves")
+    if settings.judge.base_url and not settings.compare_base:
+        raise TunesmithError("the judge compares candidates with the base model; set evaluate.compare_base=true")
 
 
 def _comparisons(per_example: dict, general: dict, settings: EvaluateConfig) -> dict:
@@ -147,8 +153,6 @@ def _comparisons(per_example: dict, general: dict, settings: EvaluateConfig) -> 
 def _judge(settings: EvaluateConfig, examples, references, outputs, per_example, results) -> dict:
     from tunesmith.evaluate.judge import judge_candidate
 
-    if BASE not in outputs:
-        raise TunesmithError("the judge compares candidates with the base model; set evaluate.compare_base=true")
     verdicts = {}
     requests = [e.messages[-2].content for e in examples]
     base_answers = [g.text for g in outputs[BASE]]
@@ -167,8 +171,8 @@ def _judge(settings: EvaluateConfig, examples, references, outputs, per_example,
 def _write(run_dir: Path, report: dict, examples, references, outputs, per_example, general) -> None:
     with staged_dir(run_dir / EVAL_DIR) as staging:
         write_json_atomic(staging / "report.json", report)
-        (staging / "report.md").write_text(markdown_report(report), encoding="utf-8")
         rows = _prediction_rows(examples, references, outputs, per_example)
+        (staging / "report.md").write_text(markdown_report(report, rows), encoding="utf-8")
         with (staging / "predictions.jsonl").open("w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         if general:

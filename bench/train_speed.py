@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -37,6 +38,7 @@ def main() -> None:
         who, run_dir, epochs = args.child
         result = (_train_trl if who == "trl" else _train_tunesmith)(Path(run_dir), float(epochs), args.override)
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        result["load_average"] = os.getloadavg()[1]  # 5-minute: other work on the machine skews both trainers
         print("RESULT " + json.dumps(result), flush=True)
         return
     peak = bf16_matmul_peak()
@@ -102,7 +104,8 @@ def _run_child(who: str, run_dir: Path, epochs: float, overrides: list[str]) -> 
 def _print_row(who: str, result: dict, peak: float) -> None:
     print(f"{who:9}  {result['tokens']:7,} tokens in {result['seconds']:7.1f} s = {result['tokens_per_s']:7.1f} "
           f"tokens/s   peak RSS {result['peak_rss_gib']:.2f} GiB   validation loss {result['validation_loss']:.4f}   "
-          f"MFU {result['flops_per_s'] / peak:.1%}   ({result['setup']})", flush=True)
+          f"MFU {result['flops_per_s'] / peak:.1%}   load avg {result['load_average']:.1f}   ({result['setup']})",
+          flush=True)
 
 
 def _examples(run_dir: Path, split: str):

@@ -23,9 +23,9 @@ SETTINGS = [f"train.max_steps={STEPS}", "train.checkpoint_steps=2", "train.keep_
             "train.batch_size=8", "train.learning_rate=0.01", "train.lora.dropout=0.1"]
 
 
-def _start_training(run_dir: Path, *extra: str) -> subprocess.Popen:
+def _start_training(run_dir: Path, *extra: str, settings: list[str] = SETTINGS) -> subprocess.Popen:
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(run_dir), *SETTINGS, *extra],
+    return subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(run_dir), *settings, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -57,6 +57,9 @@ def test_sigkill_and_sigterm_then_resume_repeat_the_uninterrupted_loss_curve(tin
     reference_dir = prepare(reference_config)
     train_sft(reference_dir, reference_config)
     interrupted_dir = prepare(load_config(tiny_config, ["name=interrupted"]))
+    nothing_yet = _start_training(interrupted_dir, "--resume")
+    _, err = nothing_yet.communicate(timeout=120)
+    assert nothing_yet.returncode == 2 and "holds no complete checkpoint" in err and "Traceback" not in err
 
     killed = _start_training(interrupted_dir)
     _wait_for_checkpoint_after(interrupted_dir, 2, killed)
@@ -76,7 +79,8 @@ def test_sigkill_and_sigterm_then_resume_repeat_the_uninterrupted_loss_curve(tin
     stopped_at = int(complete_checkpoints(interrupted_dir)[-1].name.split("-")[1])
     assert start < stopped_at < STEPS
 
-    finished = _start_training(interrupted_dir, "--resume")
+    # The command-line settings need not be repeated: a checkpoint carries the settings its run started with.
+    finished = _start_training(interrupted_dir, "--resume", settings=[])
     out, err = finished.communicate(timeout=300)
     assert finished.returncode == 0, err
     resumed_losses, resumed_validation = _curves(interrupted_dir)

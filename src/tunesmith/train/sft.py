@@ -26,9 +26,6 @@ from tunesmith.train.progress import LoopProgressBar
 
 ADAPTER_DIR = "adapter"
 FULL_MODEL_DIR = "model"
-# Settings a checkpoint must share with the run that resumes it, or the resumed losses would differ.
-RESUME_MUST_MATCH = ("adapter", "lora", "batch_size", "grad_accum", "packing", "learning_rate", "lr_scheduler",
-                     "warmup_ratio", "weight_decay", "max_grad_norm", "precision", "epochs", "max_steps", "init_from")
 
 
 def train_sft(run_dir: Path, config: RunConfig, resume: bool = False) -> dict:
@@ -38,6 +35,9 @@ def train_sft(run_dir: Path, config: RunConfig, resume: bool = False) -> dict:
 
     run_dir, settings = Path(run_dir), config.train
     manifest = read_manifest(run_dir)
+    resumed_from = _resume_point(run_dir, resume)
+    if resumed_from:
+        settings = _settings_of(resumed_from, settings)
     tokenizer = load_tokenizer(manifest["base_model"]["source"])
     if template_fingerprint(tokenizer) != manifest["data"]["chat_template_sha"]:
         raise TunesmithError(f"{run_dir}: the base model's chat template changed since `prepare`; re-run prepare")
@@ -67,10 +67,10 @@ def train_sft(run_dir: Path, config: RunConfig, resume: bool = False) -> dict:
     loop = SftLoop(accelerator, module, optimizer, scheduler, train_examples, validation_examples, plan, total_steps,
                    settings, config.seed, tokenizer.pad_token_id, run_dir)
 
-    resumed_from = _resume_point(run_dir, resume, accelerator.is_main_process)
     if resumed_from:
-        _check_resumable(resumed_from, settings)
         loop.restore(resumed_from)
+    elif accelerator.is_main_process:
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # an earlier attempt's, not this run's
     started = time.perf_counter()
     with LoopProgressBar(total_steps, loop.progress, enabled=accelerator.is_main_process) as bar:
         progress = loop.run(on_step=bar.update)
@@ -138,28 +138,23 @@ def _scheduler_name(settings: TrainConfig) -> str:
     return "constant_with_warmup" if settings.lr_scheduler == "constant" else settings.lr_scheduler
 
 
-def _resume_point(run_dir: Path, resume: bool, main: bool) -> Path | None:
-    """The newest complete checkpoint when resuming; a fresh run clears checkpoints of an earlier attempt."""
-    if resume:
-        checkpoint = newest_complete_checkpoint(run_dir)
-        if checkpoint is None:
-            raise TunesmithError(f"--resume: {run_dir / CHECKPOINTS_DIR} holds no complete checkpoint; "
-                                 f"train without --resume to start over")
-        return checkpoint
-    if main:
-        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
-    return None
+def _resume_point(run_dir: Path, resume: bool) -> Path | None:
+    """The newest complete checkpoint when resuming."""
+    if not resume:
+        return None
+    checkpoint = newest_complete_checkpoint(run_dir)
+    if checkpoint is None:
+        raise TunesmithError(f"--resume: {run_dir / CHECKPOINTS_DIR} holds no complete checkpoint; "
+                             f"train without --resume to start over")
+    return checkpoint
 
 
-def _check_resumable(checkpoint: Path, settings: TrainConfig) -> None:
+def _settings_of(checkpoint: Path, current: TrainConfig) -> TrainConfig:
+    """A resumed run continues with the settings it started with (overrides included); only `threads` may change."""
     import json
 
     saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-    current = settings.model_dump(mode="json")
-    changed = [key for key in RESUME_MUST_MATCH if saved.get(key) != current.get(key)]
-    if changed:
-        raise TunesmithError(f"--resume: {checkpoint} was written with different train.{changed[0]} "
-                             f"({saved.get(changed[0])!r}, now {current.get(changed[0])!r}); resume with the same settings")
+    return TrainConfig.model_validate({**saved, "threads": current.threads})
 
 
 def _metrics(progress) -> dict:

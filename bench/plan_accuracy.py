@@ -69,7 +69,7 @@ def _write_config(work: Path, data: Path, mode: str, batch: int, seq_len: int, s
     name = f"{mode}-b{batch}-s{seq_len}"
     config = {"name": name, "base_model": "default", "output_dir": str(work / "runs"),
               "data": {"train": str(data), "validation_fraction": 0.1, "max_length": seq_len},
-              "train": {"batch_size": batch, "max_steps": steps, "logging_steps": 1}}
+              "train": {"adapter": mode, "batch_size": batch, "max_steps": steps, "logging_steps": 1}}
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
@@ -92,45 +92,13 @@ def _measure(config: Path, mode: str) -> int:
 
 
 def _child(run_dir: Path, mode: str) -> None:
-    """Train in this fresh process and print its peak resident set size as the last line."""
+    """Train in this fresh process with tunesmith's SFT (`train.adapter=MODE`) and print its peak resident set size."""
     from tunesmith.config import load_run_config
+    from tunesmith.train.sft import train_sft
 
-    config = load_run_config(run_dir)
-    if mode == "lora":
-        from tunesmith.train.sft import train_sft
-
-        train_sft(run_dir, config)
-    else:
-        _train_full(run_dir, config)
+    train_sft(run_dir, load_run_config(run_dir, [f"train.adapter={mode}"]))
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(json.dumps({"peak_rss_bytes": peak_kib * 1024}))
-
-
-def _train_full(run_dir: Path, config) -> None:
-    """Full fine-tuning on transformers' Trainer with the settings tunesmith's SFT uses (bf16 autocast, AdamW)."""
-    import torch
-    from transformers import Trainer, TrainingArguments
-
-    from tunesmith.data.batching import PaddingCollator, TokenizedDataset
-    from tunesmith.data.prepare import read_split
-    from tunesmith.data.template import tokenize_example
-    from tunesmith.models import load_model, load_tokenizer
-    from tunesmith.registry.run_dir import read_manifest
-    from tunesmith.train.devices import pick_precision, set_cpu_threads
-
-    source = read_manifest(run_dir)["base_model"]["source"]
-    tokenizer = load_tokenizer(source)
-    set_cpu_threads(config.train.threads)
-    examples = [tokenize_example(tokenizer, [m.model_dump() for m in e.messages], config.data.max_length)
-                for e in read_split(run_dir, "train")]
-    args = TrainingArguments(
-        output_dir=str(run_dir / "_full"), per_device_train_batch_size=config.train.batch_size,
-        max_steps=config.train.max_steps, learning_rate=1e-5, save_strategy="no", report_to=[],
-        bf16=pick_precision(config.train.precision) == "bf16", use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
-    )
-    Trainer(model=load_model(source), args=args, train_dataset=TokenizedDataset(examples),
-            data_collator=PaddingCollator(tokenizer.pad_token_id)).train()
 
 
 if __name__ == "__main__":

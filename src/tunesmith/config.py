@@ -86,9 +86,7 @@ class LoraConfig(_Section):
 
 class PreferenceConfig(_Section):
     beta: float = 0.1
-    """DPO/KTO beta: how far the policy may move from the reference (higher stays closer)."""
-    parent_run: Path | None = None
-    """Earlier run directory whose adapter this run continues from and uses as the reference (else: the base model)."""
+    """DPO/KTO beta: how far the policy may move from the reference (higher stays closer); the reference is the base model, or the `train.init_from` run's model."""
 
 
 class TrainConfig(_Section):

@@ -76,7 +76,7 @@ def test_dpo_writes_an_adapter_that_prefers_the_chosen_replies(tmp_path, tiny_mo
     metrics = section["metrics"]
     for key in ("method", "adapter_dir", "data_hash", "base_model", "config", "metrics", "loss_curve", "wall_time_s"):
         assert key in section
-    assert section["method"] == "lora-dpo" and section["parent_run"] is None
+    assert section["method"] == "lora-dpo" and section["parent"] is None
     assert section["data_hash"] == manifest["data"]["dataset_hash"]
     assert metrics["steps"] == 12 and len(section["loss_curve"]) == 12
     assert metrics["tokens_seen"] > 0 and metrics["tokens_per_second"] > 0
@@ -109,10 +109,9 @@ def test_dpo_continues_from_an_sft_run_and_records_the_parent(tmp_path, tiny_mod
     train_sft(sft_dir, sft_config)
     sft_weights = load_file(sft_dir / "adapter" / "adapter_model.safetensors")
 
-    run_dir, config = make_preference_run(tmp_path, tiny_model_dir, overrides={
-        "max_steps": 3, "preference": {"parent_run": str(sft_dir)}})
+    run_dir, config = make_preference_run(tmp_path, tiny_model_dir, overrides={"max_steps": 3, "init_from": str(sft_dir)})
     section = train_preference(run_dir, config)
-    parent = section["parent_run"]
+    parent = section["parent"]
     assert parent["run_dir"] == str(sft_dir.resolve()) and parent["name"] == "tiny"
     assert parent["method"] == read_manifest(sft_dir)["train"]["method"]
     assert parent["data_hash"] == read_manifest(sft_dir)["data"]["dataset_hash"]
@@ -125,6 +124,7 @@ def test_dpo_continues_from_an_sft_run_and_records_the_parent(tmp_path, tiny_mod
 
 
 def test_preference_run_is_evaluated_and_served_like_an_sft_run(tmp_path, tiny_model_dir):
+    from tunesmith.evaluate.run import evaluate_run
     from tunesmith.serve.engine import ServingEngine
 
     run_dir, config = make_preference_run(tmp_path, tiny_model_dir, overrides={"max_steps": 1})
@@ -132,14 +132,18 @@ def test_preference_run_is_evaluated_and_served_like_an_sft_run(tmp_path, tiny_m
     engine = ServingEngine.from_run_dir(run_dir, default_max_tokens=4)
     assert engine.adapter_name == "pref"
 
+    config = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={
+        "max_examples": 2, "max_new_tokens": 4, "general_check": False, "bootstrap_samples": 50})})
+    report = evaluate_run(run_dir, config)
+    assert set(report["results"]) == {"base", "fine-tuned"} and report["examples"] == 2
+    assert "evaluate" in read_manifest(run_dir)
+
 
 @pytest.mark.parametrize("case, message", [
     ("sft-data", "needs preference data"),
     ("kind", "needs preference data"),
-    ("bad-line", "validation.jsonl:1: chosen"),
-    ("assistant-last", "must end with a user turn"),
     ("parent-missing", "not a tunesmith run directory"),
-    ("parent-self", "is this run itself"),
+    ("parent-untrained", "has not been trained yet"),
 ])
 def test_bad_preference_input_is_one_clear_error(tmp_path, tiny_model_dir, case, message):
     overrides = {"max_steps": 1}
@@ -149,24 +153,13 @@ def test_bad_preference_input_is_one_clear_error(tmp_path, tiny_model_dir, case,
         manifest = read_manifest(run_dir)
         del manifest["data"]["kind"]
         write_json_atomic(run_dir / MANIFEST, manifest)
-    if case == "bad-line":
-        (run_dir / "data" / "validation.jsonl").write_text('{"messages": [{"role": "user", "content": "x"}], "rejected": "y"}\n')
-    if case == "assistant-last":
-        row = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
-               "chosen": "a", "rejected": "b"}
-        (run_dir / "data" / "train.jsonl").write_text(json.dumps(row) + "\n")
     if case.startswith("parent"):
         parent = tmp_path / "nowhere" if case == "parent-missing" else run_dir
-        config = load_config_with(config, {"train": {"preference": {"parent_run": str(parent)}}})
+        config = validate_config({**config.model_dump(mode="json"),
+                                  "train": {**config.train.model_dump(mode="json"), "init_from": str(parent)}})
     with pytest.raises(TunesmithError, match=message):
         train_preference(run_dir, config)
     assert not (run_dir / "adapter").exists() and "train" not in read_manifest(run_dir)
-
-
-def load_config_with(config, patch: dict):
-    raw = config.model_dump(mode="json")
-    raw["train"]["preference"].update(patch["train"]["preference"])
-    return validate_config(raw)
 
 
 def test_shipped_preference_example_validates():

@@ -58,6 +58,12 @@ def make_accelerator(train, precision: str):
         plugins["deepspeed_plugin"] = _deepspeed_plugin(train)
     import torch
 
+    if launched_world_size() == 1:
+        # accelerate keeps its state process-wide; a second run in the same process (a notebook, a test
+        # session, SFT then evaluation) may want another precision, so a single process starts afresh.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(mixed_precision=PRECISION_TO_ACCELERATE[precision], cpu=not torch.cuda.is_available(),
                        **plugins)
 

@@ -22,9 +22,9 @@ MODES = ("full", "lora", "qlora")
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, fp32 like the parameters they follow
 CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # CUDA context, cuBLAS workspace and kernels, before any tensor
-# Sequences per step the preference methods run with gradients: DPO concatenates chosen and rejected, KTO adds a
-# mismatched KL batch; the reference pass runs without gradients and saves nothing.
-SEQUENCES_PER_EXAMPLE = {"sft": 1, "dpo": 2, "kto": 2}
+# Sequences per example that preference methods run with gradients: DPO concatenates chosen and rejected, KTO adds
+# a mismatched KL batch; the reference pass runs without gradients and saves nothing.
+SEQUENCES_PER_EXAMPLE = {"dpo": 2, "kto": 2}
 
 
 @dataclass
@@ -68,8 +68,8 @@ def parse_device(spec: str) -> Device:
     return Device(kind, _local_memory(kind))
 
 
-def plan_memory(config: RunConfig, device: Device, modes: tuple[str, ...] = MODES) -> list[MemoryPlan]:
-    """One plan per mode at the config's sequence length (`data.max_length`) and micro-batch (`train.batch_size`)."""
+def plan_memory(config: RunConfig, device: Device, modes: tuple[str, ...] | None = None) -> list[MemoryPlan]:
+    """One plan per mode (full, LoRA, QLoRA, and DoRA when configured) at `data.max_length` x `train.batch_size`."""
     import torch
     from transformers import AutoConfig
 
@@ -79,23 +79,20 @@ def plan_memory(config: RunConfig, device: Device, modes: tuple[str, ...] = MODE
     source = resolve_base_model(config.base_model)
     model_config = _from_pretrained_config(AutoConfig, source)
     precision = pick_precision(config.train.precision) if device.kind == "cpu" or torch.cuda.is_available() else "bf16"
-    sequences = config.train.batch_size * SEQUENCES_PER_EXAMPLE[config.train.method]
     seq_len = min(config.data.max_length, getattr(model_config, "max_position_embeddings", None) or 10**9)
-    checkpointing = bool(getattr(config.train, "gradient_checkpointing", False))
-    runtime = _runtime_bytes(device)
+    runtime = _runtime_bytes(device, source)
+    modes = modes or MODES + (("dora",) if config.train.adapter == "dora" else ())
     plans, traced = [], {}
     for mode in modes:
         traced_mode = "lora" if mode == "qlora" else mode
         if traced_mode not in traced:
-            traced[traced_mode] = trace_training_step(model_config, traced_mode, config, sequences, seq_len,
-                                                      precision, checkpointing)
+            traced[traced_mode] = trace_training_step(model_config, traced_mode, config, seq_len, precision)
         counts, step_peak = traced[traced_mode]
         plans.append(_plan(mode, counts, step_peak, runtime, device, precision))
     return plans
 
 
-def trace_training_step(model_config, mode: str, config: RunConfig, sequences: int, seq_len: int, precision: str,
-                        checkpointing: bool) -> tuple[dict, int]:
+def trace_training_step(model_config, mode: str, config: RunConfig, seq_len: int, precision: str) -> tuple[dict, int]:
     """Parameter counts, and the peak bytes of tensors created by one forward + backward, traced on fake tensors."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -105,15 +102,37 @@ def trace_training_step(model_config, mode: str, config: RunConfig, sequences: i
     with FakeTensorMode(allow_non_fake_inputs=True):
         _materialize_fake(model)
         model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        ids = torch.zeros(sequences, seq_len, dtype=torch.long)
+        if config.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         with _LiveBytes() as live:
-            # As in Trainer: autocast around the forward only, backward outside it.
+            # As in training: autocast around the forward only, backward outside it.
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+                loss = _micro_batch_loss(model, config, seq_len)
             loss.backward()
     return counts, live.peak
+
+
+def _micro_batch_loss(model, config: RunConfig, seq_len: int):
+    """The loss of one micro-batch of full-length examples, computed the way the configured method computes it."""
+    import torch
+
+    train = config.train
+    if train.method != "sft":
+        # TRL's DPO/KTO: chosen and rejected (or the KL batch) side by side, padded, logits at every position.
+        ids = torch.zeros(train.batch_size * SEQUENCES_PER_EXAMPLE[train.method], seq_len, dtype=torch.long)
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+    # tunesmith's SFT loop: one padding-free row (or padded rows), the decoder, then the LM head on trained tokens
+    # only; here every token is trained, the worst case.
+    if train.packing:
+        ids = torch.zeros(1, train.batch_size * seq_len, dtype=torch.long)
+        inputs = {"position_ids": torch.arange(seq_len).repeat(train.batch_size)[None]}
+    else:
+        ids = torch.zeros(train.batch_size, seq_len, dtype=torch.long)
+        inputs = {"attention_mask": torch.ones_like(ids)}
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.get_decoder()(input_ids=ids, use_cache=False, **inputs).last_hidden_state
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1].reshape(-1, hidden.shape[-1])).float()
+    return torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="sum")
 
 
 def _plan(mode: str, counts: dict, step_peak: int, runtime: int, device: Device, precision: str) -> MemoryPlan:
@@ -140,21 +159,21 @@ def _plan(mode: str, counts: dict, step_peak: int, runtime: int, device: Device,
 
 
 def _empty_model(model_config, mode: str, config: RunConfig):
-    """The architecture with LoRA layers where asked, on the meta device (no memory)."""
+    """The architecture with the adapter layers training would add, on the meta device (no memory)."""
     import torch
     from accelerate import init_empty_weights
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from tunesmith.train.model_setup import peft_lora_config
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     model.tie_weights()  # tying does not happen under init_empty_weights
+    if mode == "full":
+        return model
     with init_empty_weights():
-        if mode != "full":
-            lora = config.train.lora
-            model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                     target_modules=lora.target_modules, task_type="CAUSAL_LM"))
-    return model
+        return get_peft_model(model, peft_lora_config(config.train.lora, mode))
 
 
 def _parameter_counts(model) -> dict:
@@ -243,12 +262,17 @@ class _LiveBytes:
         return self._mode.__exit__(*exc)
 
 
-def _runtime_bytes(device: Device) -> int:
-    """Memory used before any tensor: on CPU the resident size of this process, which has loaded the same libraries."""
+def _runtime_bytes(device: Device, source: Path | str) -> int:
+    """Memory used before any tensor: on CPU, this process's resident size once it holds what training loads first."""
     if device.kind == "cuda":
         return CUDA_CONTEXT_BYTES
+    import peft  # noqa: F401  (imported for its memory, like the training process does)
     import psutil
+    from transformers import Trainer  # noqa: F401
 
+    from tunesmith.models import load_tokenizer
+
+    tokenizer = load_tokenizer(source)  # noqa: F841  (held while measuring: training holds it too)
     return psutil.Process().memory_info().rss
 
 

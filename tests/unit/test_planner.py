@@ -39,6 +39,8 @@ def test_parameter_components_match_the_real_model_and_adapter(tiny_config, tiny
     # QLoRA: the decoder's linear weights in NF4, everything else (embeddings, norms) in bf16.
     assert qlora.components["weights"] == int((total - linear) * 2 + linear * NF4_BYTES_PER_PARAM)
     assert any("CUDA" in note for note in qlora.notes)
+    # Full-weight DPO holds a frozen reference copy of the model beside the one it trains.
+    assert plans_by_mode(load_config(tiny_config, ["train.method=dpo"]))["full"].components["weights"] == 2 * total * 4
 
 
 def test_activations_grow_with_batch_sequence_and_preference_pairs(tiny_config):

@@ -88,7 +88,7 @@ def plan_memory(config: RunConfig, device: Device, modes: tuple[str, ...] | None
         if traced_mode not in traced:
             traced[traced_mode] = trace_training_step(model_config, traced_mode, config, seq_len, precision)
         counts, step_peak = traced[traced_mode]
-        plans.append(_plan(mode, counts, step_peak, runtime, device, precision))
+        plans.append(_plan(mode, counts, step_peak, runtime, device, precision, config.train.method))
     return plans
 
 
@@ -135,9 +135,14 @@ def _micro_batch_loss(model, config: RunConfig, seq_len: int):
     return torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="sum")
 
 
-def _plan(mode: str, counts: dict, step_peak: int, runtime: int, device: Device, precision: str) -> MemoryPlan:
+def _plan(mode: str, counts: dict, step_peak: int, runtime: int, device: Device, precision: str,
+          method: str) -> MemoryPlan:
     frozen_linear = counts["linear"] if mode == "qlora" else 0
     weights = (counts["base"] - frozen_linear) * (2 if mode == "qlora" else 4) + frozen_linear * NF4_BYTES_PER_PARAM
+    notes = []
+    if mode == "full" and method != "sft":
+        weights *= 2  # TRL keeps a frozen copy of the fully tuned model as the reference
+        notes.append(f"{method} keeps a frozen reference copy of the weights")
     trainable = counts["base"] if mode == "full" else counts["adapter"]
     adapter = 0 if mode == "full" else counts["adapter"] * 4
     gradients = trainable * 4
@@ -150,7 +155,6 @@ def _plan(mode: str, counts: dict, step_peak: int, runtime: int, device: Device,
         "activations": max(step_peak - gradients, 0),
         "runtime": runtime,
     }
-    notes = []
     if mode == "qlora" and device.kind == "cpu":
         notes.append("QLoRA needs CUDA (bitsandbytes 4-bit kernels); on CPU use LoRA")
     if precision == "bf16":

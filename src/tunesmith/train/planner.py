@@ -157,7 +157,9 @@ def _plan(mode: str, counts: dict, step_peak: int, runtime: int, device: Device,
     }
     if mode == "qlora" and device.kind == "cpu":
         notes.append("QLoRA needs CUDA (bitsandbytes 4-bit kernels); on CPU use LoRA")
-    if precision == "bf16":
+    if mode == "qlora":
+        notes.append("NF4 base weights (double-quantized), bf16 compute")
+    elif precision == "bf16":
         notes.append("bf16 autocast over fp32 weights")
     return MemoryPlan(mode, components, trainable, available=device.memory, notes=notes)
 

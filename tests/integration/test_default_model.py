@@ -44,7 +44,7 @@ def test_default_model_is_converted_to_safetensors_and_masks_correctly(shared_ho
 
 def test_quickstart_pipeline_runs_briefly_on_the_default_model(shared_home, tmp_path):
     overrides = [f"output_dir={tmp_path}", "train.max_steps=3", "evaluate.max_examples=4",
-                 "evaluate.max_new_tokens=24"]
+                 "evaluate.max_new_tokens=24", "evaluate.general_check=false"]  # general sets: own test
     config = load_config(QUICKSTART, overrides)
     run_dir = prepare(config)
     train_sft(run_dir, config)

@@ -26,6 +26,8 @@ class Contender:
 def trained_adapter_dir(run_dir: Path, manifest: dict) -> Path:
     if "train" not in manifest:
         raise TunesmithError(f"{run_dir} has no trained adapter yet; run `tunesmith train {run_dir}` first")
+    if not manifest["train"].get("adapter_dir"):
+        raise TunesmithError(f"{run_dir} was fully fine-tuned (no adapter); evaluating full fine-tunes is not supported yet")
     return Path(run_dir) / manifest["train"]["adapter_dir"]
 
 

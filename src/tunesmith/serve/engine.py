@@ -81,6 +81,8 @@ class ServingEngine:
         manifest = read_manifest(run_dir)
         base_source = manifest["base_model"]["source"]
         trained = manifest.get("train")
+        if trained and not trained.get("adapter_dir"):
+            raise TunesmithError(f"{run_dir} was fully fine-tuned (no adapter); serving full fine-tunes is not supported yet")
         adapter_dir = run_dir / trained["adapter_dir"] if trained else None
         if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
             raise TunesmithError(f"{adapter_dir}: no adapter_config.json; re-run `tunesmith train` for this run")

@@ -153,7 +153,8 @@ class SftLoop:
 
         accelerator, settings = self.accelerator, self.settings
         torch.manual_seed(self.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index)
-        indices = self.plan.step_examples(step)
+        # Length-sorted, so each micro-batch pads its examples to a similar length; the step's loss is the same.
+        indices = sorted(self.plan.step_examples(step), key=lambda i: len(self.train_examples[i].input_ids))
         step_tokens = sum(trained_token_count(self.train_examples[i]) for i in indices)
         shares = micro_batches(indices, settings.batch_size, accelerator.process_index, accelerator.num_processes)
         loss_sum, tokens = torch.zeros((), dtype=torch.float64), 0

@@ -38,16 +38,17 @@ def generate(path: Path, rows: int, seed: int = 0) -> tuple[list[tuple[int, int]
                 user, answer = record
                 user = "  " + user.upper() if rng.random() < 0.5 else user
                 truth.append((line, source_line))
-            elif originals and draw < 0.10:  # near duplicate: a few words changed
+            elif originals and draw < 0.10:  # near duplicate: 2 of the answer's 56 words changed
                 source_line, (user, answer) = rng.choice(originals)
                 words = answer.split()
-                for _ in range(3):
+                for _ in range(2):
                     words[rng.randrange(len(words))] = rng.choice(WORDS)
                 answer = " ".join(words)
                 truth.append((line, source_line))
             else:
-                user = " ".join(rng.choices(WORDS, k=30)) + "?"
-                answer = " ".join(rng.choices(WORDS, k=110)) + "."
+                # 14 + 56 words: ~198 tokens a row with SmolLM2's tokenizer and chat template (measured).
+                user = " ".join(rng.choices(WORDS, k=14)) + "?"
+                answer = " ".join(rng.choices(WORDS, k=56)) + "."
                 if len(originals) < 200_000:
                     originals.append((line, (user, answer)))
             out.write(json.dumps({"messages": [{"role": "user", "content": user},

@@ -156,7 +156,7 @@ def _train_tunesmith(run_dir: Path, epochs: float, overrides: list[str]) -> dict
     tokenizer = load_tokenizer(source)
     model = load_with_adapter(source, run_dir / section["adapter_dir"])
     counts = _parameter_counts(model)
-    trained = sum(trained_token_count(tokenize_example(tokenizer, [m.model_dump() for m in e.messages], 256))
+    trained = sum(trained_token_count(tokenize_example(tokenizer, e.message_dicts(), 256))
                   for e in _examples(run_dir, "train"))
     # The method's work: frozen weights need forward + input gradients (4 FLOPs/weight/token), adapters all 6,
     # and the vocabulary projection runs only where a token is trained.
@@ -194,7 +194,7 @@ def _validation_loss(model, tokenizer, run_dir: Path) -> float:
 
     model = model.float().eval()
     loss = trained_token_loss_module(model)
-    examples = [tokenize_example(tokenizer, [m.model_dump() for m in e.messages], 256)
+    examples = [tokenize_example(tokenizer, e.message_dicts(), 256)
                 for e in _examples(run_dir, "validation")]
     total = tokens = 0.0
     with torch.no_grad():

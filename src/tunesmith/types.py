@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 
 
 class ChatMessage(BaseModel):
-    """One turn of a conversation."""
+    """One turn of a conversation (the OpenAI chat fine-tuning format, tool calls included)."""
 
     model_config = ConfigDict(extra="forbid")
     role: Role
     content: str
+    name: str | None = None
+    """The speaker's name (OpenAI `name`), passed to the chat template."""
+    weight: Literal[0, 1] | None = None
+    """On assistant turns: 0 keeps the turn as context without training on it."""
+    tool_calls: list[dict] | None = None
+    """On assistant turns: OpenAI `tool_calls` ({id, type: function, function: {name, arguments}})."""
+    tool_call_id: str | None = None
+    """On tool turns: the id of the call this result answers."""
+
+    def as_dict(self) -> dict:
+        """The message as a plain dict with only the fields that are set (what chat templates expect)."""
+        return self.model_dump(exclude_none=True)
+
+    @property
+    def trained(self) -> bool:
+        """True for assistant turns the loss is computed on."""
+        return self.role == "assistant" and self.weight != 0
 
 
 class ChatExample(BaseModel):
@@ -24,13 +42,20 @@ class ChatExample(BaseModel):
     messages: list[ChatMessage]
     source_line: int | None = None
 
+    def message_dicts(self) -> list[dict]:
+        """Every turn as a plain dict, for a chat template."""
+        return [m.as_dict() for m in self.messages]
+
     def prompt_messages(self) -> list[dict]:
         """Every turn before the final assistant turn, as plain dicts for a chat template."""
-        return [m.model_dump() for m in self.messages[:-1]]
+        return self.message_dicts()[:-1]
 
     def reference(self) -> str:
-        """The final assistant turn: what the model is expected to produce."""
-        return self.messages[-1].content
+        """The final assistant turn: what the model is expected to produce (its tool calls as JSON, if any)."""
+        last = self.messages[-1]
+        if last.tool_calls and not last.content:
+            return json.dumps([call.get("function", call) for call in last.tool_calls], ensure_ascii=False)
+        return last.content
 
 
 class PreferenceExample(BaseModel):

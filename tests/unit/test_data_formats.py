@@ -18,11 +18,11 @@ PROMPT = [{"role": "user", "content": "Capital of France?"}]
 
 
 def dicts(messages) -> list[dict]:
-    return [m.model_dump() for m in messages]
+    return [m.as_dict() for m in messages]
 
 
 @pytest.mark.parametrize("record", [
-    {"messages": [*CANONICAL[:2], {"role": "assistant", "content": "Paris.", "weight": 1, "name": "bot"}]},
+    {"messages": CANONICAL},
     {"system": "Be brief.", "prompt": "Capital of France?", "completion": "Paris."},
     {"prompt": CANONICAL[:2], "completion": CANONICAL[2:]},
     {"system": "Be brief.", "instruction": "Capital of France?", "output": "Paris."},
@@ -62,9 +62,10 @@ def test_unpaired_preference_wins_over_prompt_completion_because_of_its_label():
       "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}, "turn_order"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                    {"role": "assistant", "content": "c"}]}, "turn_order"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]}, "unsupported"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]},
+     "no_assistant_turn"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "tool_calls": []}]},
-     "unsupported"),
+     "wrong_type"),
     ({"conversations": [{"from": "robot", "value": "a"}]}, "unknown_role"),
     ({"prompt": "a", "completion": "b", "label": "maybe"}, "wrong_type"),
     ({"messages": [{"role": "user"}]}, "missing_key"),

@@ -20,7 +20,7 @@ GOOD = {"prompt": "Send 3 blue mugs to Denver", "completion": '{"item": "mug"}'}
 
 
 def as_dicts(example) -> list[dict]:
-    return [m.model_dump() for m in example.messages]
+    return [m.as_dict() for m in example.messages]
 
 
 def read_error(path, **kwargs) -> str:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-import time
 
 import httpx
 import openai
 import pytest
 import yaml
-from conftest import order_rows, write_jsonl
+from conftest import order_rows, serving_on_loopback, write_jsonl
 
 from tunesmith.errors import TunesmithError
 from tunesmith.serve.app import build_app
@@ -47,20 +45,8 @@ def engine(run_dir):
 
 @pytest.fixture(scope="module")
 def server_url(engine):
-    """The app under uvicorn in a background thread, on a free loopback port."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving_on_loopback(build_app(engine)) as url:
+        yield url
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ def show_mask(run_dir: Path, config, count: int) -> None:
     tokenizer = load_tokenizer(read_manifest(run_dir)["base_model"]["source"])
     console.print("[bold]Loss mask[/]: [bold green on grey11]highlighted[/] tokens are trained, [dim]dim[/] ones are not.")
     for example in read_split(run_dir, "train")[:count]:
-        messages = [m.model_dump() for m in example.messages]
+        messages = [m.as_dict() for m in example.messages]
         console.rule(f"line {example.source_line}")
         console.print(masked_example_text(tokenizer, messages, config.data.max_length))
         console.print(f"[italic]{mask_legend(tokenizer, messages, config.data.max_length)}[/]")

@@ -26,6 +26,8 @@ def map_texts(example, transform) -> None:
     """Apply `transform` to every text field of an example, in place."""
     for message in example.messages:
         message.content = transform(message.content)
+        for call in message.tool_calls or []:  # arguments can carry PII too
+            call["function"]["arguments"] = transform(call["function"]["arguments"])
     if isinstance(example, PreferenceExample):
         example.chosen, example.rejected = transform(example.chosen), transform(example.rejected)
     elif isinstance(example, UnpairedPreferenceExample):
@@ -44,5 +46,12 @@ def example_texts(example: ChatExample | PreferenceExample | UnpairedPreferenceE
 
 def dedup_text(example) -> str:
     """The text duplicates are judged on: roles and contents, case-folded, whitespace collapsed."""
-    parts = [f"{m.role}: {m.content}" for m in example.messages] + example_texts(example)[len(example.messages):]
+    parts = [f"{m.role}: {m.content}{_calls_text(m)}" for m in example.messages]
+    parts += example_texts(example)[len(example.messages):]
     return WHITESPACE.sub(" ", "\n".join(parts).casefold()).strip()
+
+
+def _calls_text(message) -> str:
+    """Tool calls as text, so two examples that call different tools are not duplicates."""
+    calls = message.tool_calls or []
+    return "".join(f" [{c['function']['name']}({c['function']['arguments']})]" for c in calls)

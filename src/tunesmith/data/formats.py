@@ -7,6 +7,7 @@ ShareGPT. Preference: TRL `prompt`/`chosen`/`rejected` (explicit or implicit pro
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tunesmith.data.readers import iter_records
@@ -31,7 +32,8 @@ KIND_OF_FORMAT = {"chat": "sft", "prompt_completion": "sft", "alpaca": "sft", "s
 # A record with the keys of both formats of a pair is the first one (a `label` makes prompt/completion unpaired).
 MORE_SPECIFIC = {("unpaired", "prompt_completion"), ("unpaired", "preference")}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_KEYS = {"role", "content", "name", "weight", "tool_calls", "tool_call_id"}
 MAX_ERRORS_SHOWN = 5
 Example = ChatExample | PreferenceExample | UnpairedPreferenceExample
 
@@ -187,49 +189,92 @@ def _reply(value, key: str) -> str:
 
 
 def parse_messages(raw, field: str) -> list[ChatMessage]:
-    """A list of {role, content} objects (OpenAI `name`/`weight` accepted), checked turn by turn."""
+    """A list of OpenAI chat messages (`name`, assistant `weight` and `tool_calls`, `tool` turns), checked turn by turn."""
     if not isinstance(raw, list) or not raw:
         raise RowError("wrong_type", f"'{field}' must be a non-empty list of {{role, content}} objects")
-    messages = []
-    for index, item in enumerate(raw):
-        where = f"{field}[{index}]"
-        if not isinstance(item, dict):
-            raise RowError("wrong_type", f"{where} must be an object with role and content, got {type(item).__name__}")
-        if "tool_calls" in item or item.get("role") in ("tool", "function"):
-            raise RowError("unsupported", f"{where}: tool calls are not supported yet; remove tool turns")
-        unknown = item.keys() - {"role", "content", "name", "weight"}
-        if unknown:
-            raise RowError("unknown_key", f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-        if "role" not in item or "content" not in item:
-            missing = "role" if "role" not in item else "content"
-            raise RowError("missing_key", f"{where}.{missing}: missing")
-        if item["role"] not in ROLES:
-            raise RowError("unknown_role", f"{where}.role: unknown role {item['role']!r} (roles are system, user, assistant)")
-        if item.get("weight", 1) not in (1, 0) or ("weight" in item and item["role"] != "assistant"):
-            raise RowError("wrong_type", f"{where}.weight: must be 0 or 1, and only on assistant turns")
-        if item.get("weight") == 0:
-            raise RowError("unsupported", f"{where}.weight 0 (an untrained turn) is not supported yet; drop the turn")
-        if not isinstance(item["content"], str):
-            raise RowError("wrong_type", f"{where}.content: must be a string, got {type(item['content']).__name__}")
-        if not item["content"].strip():
-            raise RowError("empty_content", f"{where}: empty content")
-        messages.append(ChatMessage(role=item["role"], content=item["content"]))
-    return messages
+    return [parse_message(item, f"{field}[{index}]") for index, item in enumerate(raw)]
+
+
+def parse_message(item, where: str) -> ChatMessage:
+    if not isinstance(item, dict):
+        raise RowError("wrong_type", f"{where} must be an object with role and content, got {type(item).__name__}")
+    unknown = item.keys() - MESSAGE_KEYS
+    if unknown:
+        raise RowError("unknown_key", f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    if "role" not in item:
+        raise RowError("missing_key", f"{where}.role: missing")
+    role = item["role"]
+    if role not in ROLES:
+        raise RowError("unknown_role", f"{where}.role: unknown role {role!r} (roles are {', '.join(ROLES)})")
+    for key, allowed_on in (("weight", "assistant"), ("tool_calls", "assistant"), ("tool_call_id", "tool")):
+        if key in item and role != allowed_on:
+            raise RowError("wrong_type", f"{where}.{key}: only allowed on {allowed_on} turns")
+    if item.get("weight", 1) not in (0, 1) or isinstance(item.get("weight"), bool):
+        raise RowError("wrong_type", f"{where}.weight: must be 0 (context only) or 1 (trained)")
+    for key in ("name", "tool_call_id"):
+        if key in item and not (isinstance(item[key], str) and item[key].strip()):
+            raise RowError("wrong_type", f"{where}.{key}: must be a non-empty string")
+    tool_calls = parse_tool_calls(item["tool_calls"], where) if item.get("tool_calls") is not None else None
+    content = item.get("content")
+    if content is None and tool_calls:
+        content = ""  # an assistant turn that only calls tools
+    elif "content" not in item:
+        raise RowError("missing_key", f"{where}.content: missing")
+    elif not isinstance(content, str):
+        raise RowError("wrong_type", f"{where}.content: must be a string, got {type(content).__name__}")
+    elif not content.strip() and not tool_calls:
+        raise RowError("empty_content", f"{where}: empty content")
+    return ChatMessage(role=role, content=content, name=item.get("name"), weight=item.get("weight"),
+                       tool_calls=tool_calls, tool_call_id=item.get("tool_call_id"))
+
+
+def parse_tool_calls(raw, where: str) -> list[dict]:
+    """OpenAI `tool_calls`: [{id, type: "function", function: {name, arguments}}], arguments as a JSON string."""
+    if not isinstance(raw, list) or not raw:
+        raise RowError("wrong_type", f"{where}.tool_calls: must be a non-empty list of calls")
+    calls = []
+    for index, call in enumerate(raw):
+        at = f"{where}.tool_calls[{index}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RowError("wrong_type", f"{at}: must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                                         f"\"arguments\": ...}}}}")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, dict):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        if not isinstance(arguments, str):
+            raise RowError("wrong_type", f"{at}.function.arguments: must be a JSON string or object")
+        try:
+            json.loads(arguments)
+        except ValueError:
+            raise RowError("wrong_type", f"{at}.function.arguments: not valid JSON") from None
+        calls.append({**call, "type": call.get("type", "function"), "function": {**function, "arguments": arguments}})
+    return calls
 
 
 def check_turn_order(messages: list[ChatMessage], ends_with: str) -> None:
-    """System first (optional), then a user turn, alternating; ends with `ends_with`."""
+    """System first (optional), then user and assistant alternating; an assistant turn that calls tools is
+    followed by one or more tool turns, then the assistant again. Ends with `ends_with`."""
     roles = [m.role for m in messages]
     if "system" in roles[1:]:
         raise RowError("turn_order", "a system message may only come first")
-    turns = [r for r in roles if r != "system"]
-    if turns[:1] != ["user"]:
+    turns = [m for m in messages if m.role != "system"]
+    if not turns or turns[0].role != "user":
         raise RowError("turn_order", "the conversation must start with a user turn (after an optional system message)")
     if ends_with == "assistant" and "assistant" not in roles:
         raise RowError("no_assistant_turn", "no assistant turn: there is nothing to learn from this example")
-    for index in range(1, len(turns)):
-        if turns[index] == turns[index - 1]:
-            raise RowError("turn_order", f"two {turns[index]} turns in a row (turn {index + 1}); merge them or add the missing reply")
+    if ends_with == "assistant" and not any(m.trained for m in messages):
+        raise RowError("no_assistant_turn", "every assistant turn has weight 0: there is nothing to learn from this example")
+    for number, (before, turn) in enumerate(zip(turns, turns[1:]), start=2):
+        called = before.role == "assistant" and bool(before.tool_calls)
+        if turn.role == "tool" and not (called or before.role == "tool"):
+            raise RowError("turn_order", f"turn {number}: a tool turn must follow an assistant turn with tool_calls")
+        if called and turn.role != "tool":
+            raise RowError("turn_order", f"turn {number}: the assistant called tools in turn {number - 1}; the tool "
+                                         "results must come next")
+        if turn.role == before.role and turn.role != "tool":
+            raise RowError("turn_order", f"two {turn.role} turns in a row (turn {number}); merge them or add the "
+                                         "missing reply")
     if roles[-1] != ends_with:
         what = "the assistant's answer" if ends_with == "assistant" else "the user's turn (the reply is given separately)"
         raise RowError("turn_order", f"the last message must be {what}")

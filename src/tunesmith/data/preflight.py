@@ -13,8 +13,8 @@ from tunesmith.data.clean import clean_text, dedup_text, map_texts
 from tunesmith.data.dedup import NearDuplicateIndex, connected_rows, exact_key
 from tunesmith.data.formats import RowError, convert_record
 from tunesmith.data.readers import iter_records
-from tunesmith.data.template import (IGNORE_INDEX, end_of_turn_token_ids, generation_prompt_ids, template_fingerprint,
-                                     tokenize_example)
+from tunesmith.data.template import (IGNORE_INDEX, end_of_turn_token_ids, generation_prompt_ids, is_trained_turn,
+                                     template_fingerprint, tokenize_example)
 from tunesmith.errors import TunesmithError
 from tunesmith.types import ChatExample, PreferenceExample, UnpairedPreferenceExample
 
@@ -59,7 +59,7 @@ def _template_check(tokenizer, data_section: dict) -> dict:
 
 def _mask_check(tokenizer, example: ChatExample) -> dict:
     """Trained tokens are each assistant answer followed by an end-of-turn token, and nothing else."""
-    messages = [m.model_dump() for m in example.messages]
+    messages = [m.as_dict() for m in example.messages]
     tokenized = tokenize_example(tokenizer, messages, max_length=10**9)
     stops = set(end_of_turn_token_ids(tokenizer))
     runs, current = [], []
@@ -70,13 +70,16 @@ def _mask_check(tokenizer, example: ChatExample) -> dict:
             runs.append(current)
             current = []
     runs += [current] if current else []
-    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    trained_turns = [m for m in messages if is_trained_turn(m)]
+    answers = [m["content"] for m in trained_turns]
     name = f"loss mask (train line {example.source_line})"
     if len(runs) != len(answers):
         return {"name": name, "ok": False, "detail": f"{len(runs)} trained spans for {len(answers)} assistant turns"}
-    for run, answer in zip(runs, answers):
+    for run, answer, turn in zip(runs, answers, trained_turns):
         text = tokenizer.decode(run[:-1])
-        if run[-1] not in stops or text.strip() != answer.strip():
+        # A tool-calling turn's trained text is the template's rendering of the calls, not just its content.
+        as_expected = answer.strip() in text if turn.get("tool_calls") else text.strip() == answer.strip()
+        if run[-1] not in stops or not as_expected:
             return {"name": name, "ok": False, "detail": f"trained span {tokenizer.decode(run)!r} is not the answer "
                                                           f"{answer[:60]!r} followed by an end-of-turn token"}
     prompt = generation_prompt_ids(tokenizer, messages[:-1])

@@ -26,8 +26,24 @@ class TokenizedExample:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as text, exactly as the model's chat template writes it."""
+    """The conversation as text, exactly as the model's chat template writes it (`weight` is ours, not its)."""
+    messages = [{key: value for key, value in m.items() if key != "weight"} for m in messages]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def is_trained_turn(message: dict) -> bool:
+    """Assistant turns are trained unless they carry `weight: 0` (kept as context only)."""
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
+
+
+def check_tool_calls_rendered(message: dict, rendered_turn: str) -> None:
+    """A template that silently drops tool calls would train the model to answer with nothing: refuse it."""
+    for call in message.get("tool_calls") or []:
+        if call["function"]["name"] not in rendered_turn:
+            raise TunesmithError(
+                f"the model's chat template drops tool calls (the call to {call['function']['name']!r} is missing "
+                "from the rendered turn); use a base model whose chat template supports tools, or remove the "
+                "tool turns from the data")
 
 
 def template_fingerprint(tokenizer) -> str:
@@ -36,11 +52,11 @@ def template_fingerprint(tokenizer) -> str:
 
 
 def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Rendered text and the character spans of each assistant answer plus its end-of-turn marker."""
+    """Rendered text and the character spans of each trained assistant answer plus its end-of-turn marker."""
     text = render(tokenizer, messages)
     spans = []
     for index, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if not is_trained_turn(message):
             continue
         prefix = render(tokenizer, messages[:index], add_generation_prompt=True)
         upto = render(tokenizer, messages[: index + 1])
@@ -50,6 +66,7 @@ def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tup
                 "cannot be located; use a model whose template appends turns in order"
             )
         end = len(upto.rstrip())  # the newline after the end-of-turn token is template glue, not output
+        check_tool_calls_rendered(message, upto[len(prefix):end])
         spans.append((len(prefix), end))
     return text, spans
 

@@ -51,7 +51,7 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
     if not examples:
         raise TunesmithError(f"{run_dir}: the validation split is empty; raise data.validation_fraction or give data.validation")
     references = [e.reference() for e in examples]
-    tokenized = [tokenize_example(tokenizer, [m.model_dump() for m in e.messages], config.data.max_length)
+    tokenized = [tokenize_example(tokenizer, e.message_dicts(), config.data.max_length)
                  for e in examples]
     stop_ids = end_of_turn_token_ids(tokenizer)
     model, contenders = load_contenders(run_dir, manifest, tokenizer, list(candidates), settings.compare_base)

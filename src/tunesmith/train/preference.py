@@ -19,7 +19,8 @@ from tunesmith.train.devices import pick_precision, set_cpu_threads
 from tunesmith.train.model_setup import build_training_model, trainable_parameter_counts
 from tunesmith.train.preference_data import ACCEPTED_KINDS, check_preference_kind, trl_rows
 from tunesmith.train.progress import RichProgressCallback
-from tunesmith.train.sft import ADAPTER_DIR, FULL_MODEL_DIR, parent_run
+from tunesmith.train.run_record import ADAPTER_DIR, FULL_MODEL_DIR, train_section
+from tunesmith.train.sft import parent_run
 
 # TRL's evaluation metric -> the manifest's name for it (KTO logs no pairwise accuracy).
 PREFERENCE_METRICS = {
@@ -71,18 +72,7 @@ def train_preference(run_dir: Path, config: RunConfig) -> dict:
         shutil.rmtree(staging / "_trainer", ignore_errors=True)
     tokens = trainer.state.num_input_tokens_seen
     section = {
-        "method": f"{settings.adapter}-{settings.method}",
-        "adapter": settings.adapter,
-        "adapter_dir": None if settings.adapter == "full" else ADAPTER_DIR,
-        "model_dir": FULL_MODEL_DIR if settings.adapter == "full" else None,
-        "parent": parent and {k: v for k, v in parent.items() if not k.endswith("_path")},
-        "data_hash": manifest["data"]["dataset_hash"],
-        "base_model": manifest["base_model"],
-        "config": settings.model_dump(mode="json"),
-        "max_length": config.data.max_length,
-        "precision": precision,
-        "threads": threads,
-        "parameters": {"trainable": trainable, "total": total},
+        **train_section(config, settings, manifest, parent, precision, threads, (trainable, total)),
         "metrics": {
             "train_loss": round(result.training_loss, 4),
             "validation_loss": round(eval_metrics["eval_loss"], 4),

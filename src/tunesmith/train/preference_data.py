@@ -28,7 +28,7 @@ def trl_rows(examples: list[PreferenceExample] | list[UnpairedPreferenceExample]
     """Conversational rows: `prompt` turns plus `chosen`/`rejected` (or `completion`/`label`) assistant turns."""
     rows = []
     for example in examples:
-        row = {"prompt": [m.model_dump() for m in example.messages]}
+        row = {"prompt": [m.as_dict() for m in example.messages]}
         if isinstance(example, PreferenceExample):
             row["chosen"] = [{"role": "assistant", "content": example.chosen}]
             row["rejected"] = [{"role": "assistant", "content": example.rejected}]

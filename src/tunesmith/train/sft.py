@@ -23,9 +23,7 @@ from tunesmith.train.distributed import default_threads, make_accelerator
 from tunesmith.train.loop import SftLoop, trained_token_loss_module
 from tunesmith.train.model_setup import build_training_model, trainable_parameter_counts
 from tunesmith.train.progress import LoopProgressBar
-
-ADAPTER_DIR = "adapter"
-FULL_MODEL_DIR = "model"
+from tunesmith.train.run_record import ADAPTER_DIR, FULL_MODEL_DIR, train_section
 
 
 def train_sft(run_dir: Path, config: RunConfig, resume: bool = False) -> dict:
@@ -78,20 +76,9 @@ def train_sft(run_dir: Path, config: RunConfig, resume: bool = False) -> dict:
 
     unwrapped = loop.inner_model
     section = {
-        "method": f"{settings.adapter}-sft",
-        "adapter": settings.adapter,
-        "adapter_dir": None if settings.adapter == "full" else ADAPTER_DIR,
-        "model_dir": FULL_MODEL_DIR if settings.adapter == "full" else None,
-        "parent": parent and {k: v for k, v in parent.items() if not k.endswith("_path")},
+        **train_section(config, settings, manifest, parent, precision, threads, (trainable, total)),
         "resumed_from": resumed_from and str(resumed_from.relative_to(run_dir)),
-        "data_hash": manifest["data"]["dataset_hash"],
-        "base_model": manifest["base_model"],
-        "config": settings.model_dump(mode="json"),
-        "max_length": config.data.max_length,
-        "precision": precision,
-        "threads": threads,
         "processes": accelerator.num_processes,
-        "parameters": {"trainable": trainable, "total": total},
         "metrics": _metrics(progress),
         "loss_curve": progress.loss_curve,
         "validation_curve": progress.validation_curve,
@@ -131,7 +118,7 @@ def parent_run(settings: TrainConfig, manifest: dict) -> dict | None:
 
 
 def _tokenized(tokenizer, examples, max_length: int):
-    return [tokenize_example(tokenizer, [m.model_dump() for m in e.messages], max_length) for e in examples]
+    return [tokenize_example(tokenizer, e.message_dicts(), max_length) for e in examples]
 
 
 def _scheduler_name(settings: TrainConfig) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 
+GENERATOR_VERSION = "v2"  # v2: ~200-token rows
 WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "po", "ru", "si", "ta", "vo", "ze", "bra", "cle", "dri", "fro")
          for b in ("n", "r", "s", "t", "l", "m", "x", "ng", "st", "rd", "mp", "nk", "ll", "ss", "th")]
 WORDS = [w + s for w in WORDS for s in ("", "a", "o", "er", "ing", "ed", "ly", "ish", "ful", "ion")]
@@ -119,7 +120,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tunesmith-bench-data"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    data_file = args.workdir / f"chat-{args.rows}.jsonl"
+    data_file = args.workdir / f"chat-{args.rows}-{GENERATOR_VERSION}.jsonl"  # cached; a new generator, a new file
     truth_file = data_file.with_suffix(".truth.json")
     if not truth_file.exists():
         started = time.perf_counter()

@@ -44,6 +44,29 @@ def test_full_fine_tuning_saves_a_whole_model_whose_weights_moved(tiny_config, t
     assert (run_dir / "model" / "tokenizer_config.json").is_file()
 
 
+def test_a_full_fine_tune_is_evaluated_against_the_base_and_served_beside_it(tiny_config):
+    from tunesmith.config import load_run_config
+    from tunesmith.evaluate.run import evaluate_run
+    from tunesmith.serve.engine import ServingEngine
+    from tunesmith.serve.protocol import ChatCompletionRequest
+
+    run_dir, _ = _train(tiny_config, "train.adapter=full", "train.learning_rate=0.003", "train.max_steps=12")
+    config = load_run_config(run_dir, ["evaluate.max_examples=6", "evaluate.max_new_tokens=6",
+                                       "evaluate.general_check=false", "evaluate.bootstrap_samples=200"])
+    report = evaluate_run(run_dir, config)
+    assert report["models"]["fine-tuned"]["full_fine_tune"]
+    assert report["results"]["fine-tuned"]["validation_loss"] < report["results"]["base"]["validation_loss"] - 0.1
+
+    engine = ServingEngine.from_run_dir(run_dir, default_max_tokens=4)
+    assert engine.list_models() == [engine.adapter_name, engine.base_name]
+    with engine.using(engine.adapter_name) as tuned:
+        tuned_head = tuned.lm_head.weight.clone()
+    with engine.using(engine.base_name) as base:
+        assert tuned is not base and not torch.equal(tuned_head, base.lm_head.weight)
+    request = ChatCompletionRequest(model=engine.adapter_name, messages=[{"role": "user", "content": "hi"}])
+    assert engine.generate(request).completion_tokens >= 1
+
+
 def test_qlora_on_a_cpu_says_what_to_use_instead(tiny_config, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config = load_config(tiny_config, ["train.adapter=qlora"])

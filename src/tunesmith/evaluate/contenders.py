@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tunesmith.data.template import template_fingerprint
 from tunesmith.errors import TunesmithError
-from tunesmith.models import load_with_adapter
+from tunesmith.models import load_model
 from tunesmith.registry.run_dir import read_manifest
 
 BASE = "base"
@@ -21,46 +21,79 @@ class Contender:
     adapter_name: str | None
     """PEFT adapter switched on for this contender; None is the base model with adapters off."""
     run_dir: Path | None = None
+    model: object | None = None
+    """Its own fully fine-tuned model; None when it answers through the shared model (base or an adapter)."""
 
 
-def trained_adapter_dir(run_dir: Path, manifest: dict) -> Path:
-    if "train" not in manifest:
-        raise TunesmithError(f"{run_dir} has no trained adapter yet; run `tunesmith train {run_dir}` first")
-    if not manifest["train"].get("adapter_dir"):
-        raise TunesmithError(f"{run_dir} was fully fine-tuned (no adapter); evaluating full fine-tunes is not supported yet")
-    return Path(run_dir) / manifest["train"]["adapter_dir"]
+def trained_weights_dir(run_dir: Path, manifest: dict) -> Path:
+    """Where a trained run keeps what it learned: its adapter folder, or its full model for full fine-tuning."""
+    trained = manifest.get("train")
+    if not trained:
+        raise TunesmithError(f"{run_dir} has not been trained yet; run `tunesmith train {run_dir}` first")
+    return Path(run_dir) / (trained.get("adapter_dir") or trained["model_dir"])
+
+
+def is_full_fine_tune(manifest: dict) -> bool:
+    return not manifest["train"].get("adapter_dir")
 
 
 def load_contenders(run_dir: Path, manifest: dict, tokenizer, candidates: list[Path], compare_base: bool):
-    """One model holding every adapter, and the contenders in report order (base first)."""
-    model = load_with_adapter(manifest["base_model"]["source"], trained_adapter_dir(run_dir, manifest))
+    """The shared model (base, with every adapter attached) and the contenders in report order (base first).
+
+    Adapters share one copy of the base weights; a fully fine-tuned run brings its own model.
+    """
+    shared = load_model(manifest["base_model"]["source"])
     contenders = [Contender(BASE, None)] if compare_base else []
-    contenders.append(Contender(FINE_TUNED, "adapter", Path(run_dir)))
-    taken = {c.label for c in contenders}
-    for number, candidate in enumerate(candidates):
+    runs = [(FINE_TUNED, Path(run_dir), manifest)]
+    taken = {c.label for c in contenders} | {FINE_TUNED}
+    for candidate in candidates:
         other = read_manifest(candidate)
-        if other["base_model"]["source"] != manifest["base_model"]["source"]:
-            raise TunesmithError(f"candidate {candidate} was trained on {other['base_model']['source']}, not on "
-                                 f"{manifest['base_model']['source']}; candidates must share the run's base model")
-        if other.get("data", {}).get("chat_template_sha") != template_fingerprint(tokenizer):
-            raise TunesmithError(f"candidate {candidate} used a different chat template; it cannot be compared fairly")
+        check_comparable(candidate, other, manifest, tokenizer)
         label = other.get("name") or Path(candidate).name
         while label in taken:
             label += "'"
         taken.add(label)
-        name = f"candidate_{number}"
-        model.load_adapter(str(trained_adapter_dir(candidate, other)), adapter_name=name)
-        contenders.append(Contender(label, name, Path(candidate)))
-    model.eval()
-    return model, contenders
+        runs.append((label, Path(candidate), other))
+    for number, (label, directory, run_manifest) in enumerate(runs):
+        weights = trained_weights_dir(directory, run_manifest)
+        if is_full_fine_tune(run_manifest):
+            contenders.append(Contender(label, None, directory, model=load_model(weights)))
+            continue
+        name = "adapter" if number == 0 else f"candidate_{number - 1}"
+        shared = _attach_adapter(shared, weights, name)
+        contenders.append(Contender(label, name, directory))
+    shared.eval()
+    return shared, contenders
+
+
+def check_comparable(candidate: Path, other: dict, manifest: dict, tokenizer) -> None:
+    """A candidate must start from the run's base model and use its chat template."""
+    if other["base_model"]["source"] != manifest["base_model"]["source"]:
+        raise TunesmithError(f"candidate {candidate} was trained on {other['base_model']['source']}, not on "
+                             f"{manifest['base_model']['source']}; candidates must share the run's base model")
+    if other.get("data", {}).get("chat_template_sha") != template_fingerprint(tokenizer):
+        raise TunesmithError(f"candidate {candidate} used a different chat template; it cannot be compared fairly")
+
+
+def _attach_adapter(model, adapter_dir: Path, name: str):
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(adapter_dir), adapter_name=name)
+        return model
+    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
 
 
 @contextmanager
 def switched_to(model, contender: Contender):
-    """The shared model answering as this contender: adapters off for the base, else its adapter on."""
-    if contender.adapter_name is None:
+    """The model answering as this contender: its own full model, the base with adapters off, or its adapter on."""
+    if contender.model is not None:
+        yield contender.model
+    elif contender.adapter_name is not None:
+        model.set_adapter(contender.adapter_name)
+        yield model
+    elif hasattr(model, "disable_adapter"):  # a PeftModel: the base is the model with every adapter off
         with model.disable_adapter():
             yield model
-        return
-    model.set_adapter(contender.adapter_name)
-    yield model
+    else:
+        yield model

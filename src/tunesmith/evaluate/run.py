@@ -17,7 +17,7 @@ from tunesmith.config import EvaluateConfig, RunConfig
 from tunesmith.data.template import end_of_turn_token_ids, template_fingerprint, tokenize_example
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.compare import compare_models, largest_differences, mean_interval
-from tunesmith.evaluate.contenders import BASE, load_contenders, switched_to, trained_adapter_dir
+from tunesmith.evaluate.contenders import BASE, load_contenders, switched_to, trained_weights_dir
 from tunesmith.evaluate.custom_metrics import load_custom_metrics, load_json_schema
 from tunesmith.evaluate.examples import evaluation_examples
 from tunesmith.evaluate.gates import check_gates, parse_gate
@@ -43,10 +43,10 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
     if not settings.compare_base and any(rule.relative_to_base for rule in gate_rules):
         raise TunesmithError("a gate compares with the base model, but evaluate.compare_base is false; "
                              "set it to true or use absolute thresholds such as `exact_match >= 0.8`")
-    adapter_dir = trained_adapter_dir(run_dir, manifest)
-    tokenizer = load_tokenizer(adapter_dir)  # the exact tokenizer and chat template used in training
+    weights_dir = trained_weights_dir(run_dir, manifest)
+    tokenizer = load_tokenizer(weights_dir)  # the exact tokenizer and chat template used in training
     if template_fingerprint(tokenizer) != manifest["data"]["chat_template_sha"]:
-        raise TunesmithError(f"{adapter_dir}: chat template differs from the one the data was prepared with")
+        raise TunesmithError(f"{weights_dir}: chat template differs from the one the data was prepared with")
     examples = evaluation_examples(run_dir, manifest)[: settings.max_examples]
     if not examples:
         raise TunesmithError(f"{run_dir}: the validation split is empty; raise data.validation_fraction or give data.validation")
@@ -67,21 +67,21 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
             task = progress.add_task(f"evaluate {contender.label}",
                                      total=len(examples) + len(general_questions()) * settings.general_check)
             started = time.perf_counter()
-            with switched_to(model, contender):
-                loss = assistant_token_loss(model, tokenized, tokenizer.pad_token_id, settings.batch_size)
-                answers = generate_batched(model, tokenizer, [e.prompt_messages() for e in examples], stop_ids,
+            with switched_to(model, contender) as active:
+                loss = assistant_token_loss(active, tokenized, tokenizer.pad_token_id, settings.batch_size)
+                answers = generate_batched(active, tokenizer, [e.prompt_messages() for e in examples], stop_ids,
                                            settings.max_new_tokens, settings.batch_size,
                                            on_batch=lambda n, t=task: progress.advance(t, n))
                 scores = {"validation_loss": loss["loss"], "perplexity": loss["perplexity"]}
                 if settings.general_check:
-                    general[contender.label] = general_check(model, tokenizer, stop_ids, settings.batch_size,
+                    general[contender.label] = general_check(active, tokenizer, stop_ids, settings.batch_size,
                                                              on_batch=lambda n, t=task: progress.advance(t, n))
                     scores.update(general_ppl=general[contender.label]["general_ppl"],
                                   general_qa=general[contender.label]["general_qa"])
                 if harness_manager is not None:
                     from tunesmith.evaluate.harness import run_harness
 
-                    scores.update(run_harness(model, tokenizer, settings.harness, harness_manager, settings.batch_size))
+                    scores.update(run_harness(active, tokenizer, settings.harness, harness_manager, settings.batch_size))
             per_example[contender.label] = score_examples(answers, references, settings)
             means = {name: sum(v) / len(v) for name, v in per_example[contender.label].items()}
             means["mean_new_tokens"] = means.pop("new_tokens")
@@ -92,7 +92,8 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
     report = {
         "run": manifest["name"], "base_model": manifest["base_model"], "examples": len(examples),
         "data_hash": manifest["data"]["dataset_hash"],
-        "models": {c.label: {"adapter": c.adapter_name is not None, "run_dir": str(c.run_dir) if c.run_dir else None}
+        "models": {c.label: {"adapter": c.adapter_name is not None, "full_fine_tune": c.model is not None,
+                             "run_dir": str(c.run_dir) if c.run_dir else None}
                    for c in contenders},
         "generation": {"do_sample": False, "max_new_tokens": settings.max_new_tokens, "stop_token_ids": stop_ids,
                        "batch_size": settings.batch_size, "chat_template_sha": template_fingerprint(tokenizer)},

@@ -60,10 +60,13 @@ def served_base_name(base_model: str) -> str:
 
 
 class ServingEngine:
-    """Generates chat replies from the base model or the base with the run's adapter switched on."""
+    """Generates chat replies from the base model, or the base with the run's adapter switched on, or the run's
+    fully fine-tuned model (`tuned_model`, loaded beside the base)."""
 
-    def __init__(self, model, tokenizer, base_name: str, adapter_name: str | None, default_max_tokens: int = 256):
+    def __init__(self, model, tokenizer, base_name: str, adapter_name: str | None, default_max_tokens: int = 256,
+                 tuned_model=None):
         self.model = model
+        self.tuned_model = tuned_model
         self.tokenizer = tokenizer
         self.base_name = base_name
         self.adapter_name = adapter_name
@@ -81,23 +84,26 @@ class ServingEngine:
         manifest = read_manifest(run_dir)
         base_source = manifest["base_model"]["source"]
         trained = manifest.get("train")
-        if trained and not trained.get("adapter_dir"):
-            raise TunesmithError(f"{run_dir} was fully fine-tuned (no adapter); serving full fine-tunes is not supported yet")
-        adapter_dir = run_dir / trained["adapter_dir"] if trained else None
+        adapter_dir = run_dir / trained["adapter_dir"] if trained and trained.get("adapter_dir") else None
+        full_dir = run_dir / trained["model_dir"] if trained and not adapter_dir else None
         if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
             raise TunesmithError(f"{adapter_dir}: no adapter_config.json; re-run `tunesmith train` for this run")
-        # The adapter folder holds the tokenizer training used, so the template is exactly the trained one.
-        tokenizer = load_tokenizer(adapter_dir or base_source)
+        if full_dir is not None and not (full_dir / "config.json").is_file():
+            raise TunesmithError(f"{full_dir}: no config.json; re-run `tunesmith train` for this run")
+        # The trained folder holds the tokenizer training used, so the template is exactly the trained one.
+        tokenizer = load_tokenizer(adapter_dir or full_dir or base_source)
         if template_fingerprint(tokenizer) != manifest.get("data", {}).get("chat_template_sha"):
             raise TunesmithError(f"{run_dir}: the chat template differs from the one the data was prepared with; "
                                  "re-run `tunesmith prepare` and `tunesmith train`")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_with_adapter(base_source, adapter_dir) if adapter_dir else load_model(base_source)
-        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model.to(device)
+        tuned_model = load_model(full_dir).to(device) if full_dir else None
         base_name = served_base_name(manifest["base_model"]["name"])
         adapter_name = manifest["name"] if trained else None
         if adapter_name == base_name:
             base_name += "-base"
-        return cls(model, tokenizer, base_name, adapter_name, default_max_tokens)
+        return cls(model, tokenizer, base_name, adapter_name, default_max_tokens, tuned_model)
 
     def list_models(self) -> list[str]:
         """Served model names, the adapter (if any) first."""
@@ -108,10 +114,12 @@ class ServingEngine:
         """Hold the generation lock with `model_name`'s weights active; yields the torch model."""
         self.check_model(model_name)
         with self._lock:
-            if model_name == self.adapter_name:
+            if model_name == self.adapter_name and self.tuned_model is not None:
+                yield self.tuned_model
+            elif model_name == self.adapter_name:
                 self.model.set_adapter(ADAPTER_NAME)
                 yield self.model
-            elif self.adapter_name is not None:
+            elif self.adapter_name is not None and self.tuned_model is None:
                 with self.model.disable_adapter():
                     yield self.model
             else:

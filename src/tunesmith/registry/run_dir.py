@@ -17,11 +17,19 @@ MANIFEST = "manifest.json"
 LIBRARIES = ("tunesmith", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")
 
 
+def apply_umask(path: Path, directory: bool) -> None:
+    """Give a temp file/folder the permissions a normal one gets (tempfile makes them private to the owner)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        apply_umask(Path(tmp), directory=False)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -51,6 +59,7 @@ def staged_dir(final: Path):
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
+        apply_umask(staging, directory=True)
         yield staging
         if final.exists():
             shutil.rmtree(final)

@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tunesmith.registry.run_dir import apply_umask
+
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -49,6 +51,7 @@ def write_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, progr
     final = folder / checkpoint_name(step)
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{final.name}.tmp-"))
     try:
+        apply_umask(staging, directory=True)
         save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()},
                   str(staging / WEIGHTS_FILE))
         torch.save(state, staging / STATE_FILE)

@@ -65,11 +65,11 @@ def baseline(path: Path) -> float:
     return time.perf_counter() - started
 
 
-def run_prepare(config: Path, out_dir: Path) -> tuple[float, float, int]:
+def run_prepare(config: Path, out_dir: Path, overrides: list[str]) -> tuple[float, float, int]:
     """Wall seconds, peak RSS of the process tree in GiB, exit code."""
     started = time.perf_counter()
     process = subprocess.Popen([str(Path(sys.executable).parent / "tunesmith"), "data", "prepare", str(config),
-                                f"output_dir={out_dir}", "--overwrite"])
+                                f"output_dir={out_dir}", *overrides, "--overwrite"])
     peak, parent = 0, psutil.Process(process.pid)
     done = threading.Event()
 
@@ -118,6 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tunesmith-bench-data"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for `tunesmith data prepare`, e.g. data.minhash_permutations=128")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     data_file = args.workdir / f"chat-{args.rows}-{GENERATOR_VERSION}.jsonl"  # cached; a new generator, a new file
@@ -132,7 +134,7 @@ def main() -> None:
     config.write_text(f"name: million\nbase_model: default\ndata:\n  train: {data_file}\n  max_length: 512\n"
                       "  validation_fraction: 0.02\n  preflight_examples: 3\n")
     base_s = baseline(data_file)
-    wall_s, peak_gib, code = run_prepare(config, args.workdir / "runs")
+    wall_s, peak_gib, code = run_prepare(config, args.workdir / "runs", args.set)
     if code:
         sys.exit(f"prepare failed with exit code {code}")
     share, false_drops = recall(args.workdir / "runs" / "million", data_file, truth)
@@ -140,7 +142,7 @@ def main() -> None:
     print(json.dumps({"rows": args.rows, "accounting": manifest["data"]["accounting"],
                       "rows_out": manifest["data"]["rows"]}, indent=1))
     print(f"baseline (read + json.loads every row): {base_s:.1f} s")
-    print(f"tunesmith data prepare: {wall_s:.1f} s ({wall_s / base_s:.1f}x the baseline), peak RSS {peak_gib:.2f} GiB "
+    print(f"tunesmith data prepare {' '.join(args.set)}: {wall_s:.1f} s ({wall_s / base_s:.1f}x the baseline), peak RSS {peak_gib:.2f} GiB "
           f"(targets: <= 600 s, <= 4 GiB)")
     print(f"duplicate recall: {share:.4f} over {len(truth):,} injected duplicates (target >= 0.95); "
           f"rows dropped as duplicates that were not injected: {false_drops:,}")

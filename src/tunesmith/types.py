@@ -40,6 +40,8 @@ class ChatExample(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     messages: list[ChatMessage]
+    tools: list[dict] | None = None
+    """OpenAI function definitions offered in this conversation; passed to the chat template."""
     source_line: int | None = None
 
     def message_dicts(self) -> list[dict]:

@@ -10,20 +10,23 @@ import pytest
 from tunesmith.data.clean import dedup_text, map_texts
 from tunesmith.data.formats import RowError, convert_record
 from tunesmith.data.pii import redact
-from tunesmith.data.template import IGNORE_INDEX, tokenize_example
+from tunesmith.data.split import content_hash
+from tunesmith.data.template import IGNORE_INDEX, generation_prompt_ids, tokenize_example
 from tunesmith.errors import TunesmithError
 from tunesmith.models import load_tokenizer
 
 # ChatML that writes the speaker's name and each tool call, as tool-aware templates (Qwen, Llama 3.1) do.
 TOOL_TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] }}{% if m['name'] is defined %} {{ m['name'] }}{% endif %}"
+    "{% if tools %}{{ '<tools>' }}{% for t in tools %}{{ t['function']['name'] + ';' }}{% endfor %}{{ '</tools>\n' }}"
+    "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] }}{% if m['name'] is defined %} {{ m['name'] }}{% endif %}"
     "{{ '\n' + m['content'] }}{% if m['tool_calls'] is defined %}{% for c in m['tool_calls'] %}"
     "{{ '<call>' + c['function']['name'] + c['function']['arguments'] + '</call>' }}{% endfor %}{% endif %}"
     "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CALL = {"id": "call_1", "type": "function",
         "function": {"name": "order_status", "arguments": {"order": "A-17", "email": "ana@example.com"}}}
-TOOL_CHAT = {"messages": [
+TOOLS = [{"type": "function", "function": {"name": "order_status", "parameters": {"type": "object"}}}]
+TOOL_CHAT = {"tools": TOOLS, "messages": [
     {"role": "system", "content": "You track orders."},
     {"role": "user", "content": "Where is order A-17?", "name": "ana"},
     {"role": "assistant", "content": None, "tool_calls": [CALL]},
@@ -33,7 +36,7 @@ TOOL_CHAT = {"messages": [
 
 
 def trained_text(tokenizer, example) -> str:
-    tokens = tokenize_example(tokenizer, example.message_dicts(), max_length=4096)
+    tokens = tokenize_example(tokenizer, example.message_dicts(), max_length=4096, tools=example.tools)
     return tokenizer.decode([t for t, label in zip(tokens.input_ids, tokens.labels) if label != IGNORE_INDEX])
 
 
@@ -59,11 +62,28 @@ def test_tool_calls_are_trained_and_tool_results_are_not(tiny_model_dir):
     assert "Where is order" not in trained
 
 
-def test_a_template_that_drops_tool_calls_is_refused_not_trained_on_silence(tiny_model_dir):
-    tokenizer = load_tokenizer(tiny_model_dir)  # plain ChatML: renders content only
+def test_tool_definitions_reach_the_prompt_in_training_and_at_inference(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.chat_template = TOOL_TEMPLATE
     example, _ = convert_record(TOOL_CHAT, None)
-    with pytest.raises(TunesmithError, match="drops tool calls"):
-        tokenize_example(tokenizer, example.message_dicts(), max_length=4096)
+    assert example.tools == TOOLS
+    tokens = tokenize_example(tokenizer, example.message_dicts(), max_length=4096, tools=example.tools)
+    prompt = generation_prompt_ids(tokenizer, example.prompt_messages(), example.tools)
+    assert "<tools>order_status;</tools>" in tokenizer.decode(prompt)
+    assert tokens.input_ids[:len(prompt)] == prompt  # the model trains on the prompt it will be served
+    other = convert_record({**TOOL_CHAT, "tools": [{"type": "function", "function": {"name": "refund"}}]}, None)[0]
+    assert content_hash(example) != content_hash(other) and dedup_text(example) != dedup_text(other)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({**TOOL_CHAT, "tools": None}, "drops tool calls"),
+    (TOOL_CHAT, "ignores `tools`"),
+])
+def test_a_template_that_drops_tools_is_refused_not_trained_on_silence(tiny_model_dir, record, message):
+    tokenizer = load_tokenizer(tiny_model_dir)  # plain ChatML: renders content only
+    example, _ = convert_record(record, None)
+    with pytest.raises(TunesmithError, match=message):
+        tokenize_example(tokenizer, example.message_dicts(), max_length=4096, tools=example.tools)
 
 
 def test_weight_zero_turns_are_context_only(tiny_model_dir):
@@ -90,6 +110,11 @@ def test_weight_zero_turns_are_context_only(tiny_model_dir):
 def test_malformed_tool_turns_say_what_is_wrong(messages, message):
     with pytest.raises(RowError, match=message):
         convert_record({"messages": messages}, None)
+
+
+def test_a_tool_definition_without_a_name_is_a_clear_row_error():
+    with pytest.raises(RowError, match=r"tools\[0\]: must be"):
+        convert_record({**TOOL_CHAT, "tools": [{"type": "function", "function": {"parameters": {}}}]}, None)
 
 
 def test_tool_calls_count_for_dedup_and_pii_redaction():

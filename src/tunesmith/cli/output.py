@@ -32,8 +32,8 @@ def show_mask(run_dir: Path, config, count: int) -> None:
     for example in read_split(run_dir, "train")[:count]:
         messages = [m.as_dict() for m in example.messages]
         console.rule(f"line {example.source_line}")
-        console.print(masked_example_text(tokenizer, messages, config.data.max_length))
-        console.print(f"[italic]{mask_legend(tokenizer, messages, config.data.max_length)}[/]")
+        console.print(masked_example_text(tokenizer, messages, config.data.max_length, example.tools))
+        console.print(f"[italic]{mask_legend(tokenizer, messages, config.data.max_length, example.tools)}[/]")
 
 
 def trained(run_dir: Path, section: dict) -> None:

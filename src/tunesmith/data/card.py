@@ -41,7 +41,7 @@ class TokenStats:
     def add(self, split: str, record: dict, copies: int = 1) -> None:
         length = trained = 0
         for messages, _ in conversations(self.kind, record):
-            example = tokenize_example(self.tokenizer, messages, max_length=10**9)
+            example = tokenize_example(self.tokenizer, messages, max_length=10**9, tools=record.get("tools"))
             length = max(length, len(example.input_ids))
             trained += sum(1 for label in example.labels[: self.max_length] if label != IGNORE_INDEX)
         self.lengths[split].append(length)

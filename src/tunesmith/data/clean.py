@@ -47,6 +47,7 @@ def example_texts(example: ChatExample | PreferenceExample | UnpairedPreferenceE
 def dedup_text(example) -> str:
     """The text duplicates are judged on: roles and contents, case-folded, whitespace collapsed."""
     parts = [f"{m.role}: {m.content}{_calls_text(m)}" for m in example.messages]
+    parts += [f"tool: {t['function']['name']}" for t in getattr(example, "tools", None) or []]
     parts += example_texts(example)[len(example.messages):]
     return WHITESPACE.sub(" ", "\n".join(parts).casefold()).strip()
 

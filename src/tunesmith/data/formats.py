@@ -24,7 +24,7 @@ REQUIRED_KEYS = {
     "alpaca": {"instruction", "output"},
 }
 OPTIONAL_KEYS = {
-    "unpaired": {"system"}, "openai_dpo": set(), "preference": {"prompt", "system"}, "chat": set(),
+    "unpaired": {"system"}, "openai_dpo": set(), "preference": {"prompt", "system"}, "chat": {"tools"},
     "sharegpt": {"system"}, "prompt_completion": {"system"}, "alpaca": {"input", "system"},
 }
 KIND_OF_FORMAT = {"chat": "sft", "prompt_completion": "sft", "alpaca": "sft", "sharegpt": "sft",
@@ -82,7 +82,20 @@ def convert_record(record, fmt: str | None, system_prompt: str | None = None,
 def _chat(record: dict) -> ChatExample:
     messages = parse_messages(record["messages"], "messages")
     check_turn_order(messages, ends_with="assistant")
-    return ChatExample(messages=messages)
+    tools = parse_tools(record["tools"]) if record.get("tools") is not None else None
+    return ChatExample(messages=messages, tools=tools)
+
+
+def parse_tools(raw) -> list[dict]:
+    """OpenAI `tools`: [{type: "function", function: {name, description?, parameters?}}]."""
+    if not isinstance(raw, list) or not raw:
+        raise RowError("wrong_type", "'tools' must be a non-empty list of {type: function, function: {name, ...}}")
+    for index, tool in enumerate(raw):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RowError("wrong_type", f"tools[{index}]: must be {{\"type\": \"function\", \"function\": "
+                                         f"{{\"name\": ..., \"parameters\": {{...}}}}}}")
+    return raw
 
 
 def _sharegpt(record: dict) -> ChatExample:

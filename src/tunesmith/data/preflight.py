@@ -60,7 +60,7 @@ def _template_check(tokenizer, data_section: dict) -> dict:
 def _mask_check(tokenizer, example: ChatExample) -> dict:
     """Trained tokens are each assistant answer followed by an end-of-turn token, and nothing else."""
     messages = [m.as_dict() for m in example.messages]
-    tokenized = tokenize_example(tokenizer, messages, max_length=10**9)
+    tokenized = tokenize_example(tokenizer, messages, max_length=10**9, tools=example.tools)
     stops = set(end_of_turn_token_ids(tokenizer))
     runs, current = [], []
     for token, label in zip(tokenized.input_ids, tokenized.labels):
@@ -82,7 +82,7 @@ def _mask_check(tokenizer, example: ChatExample) -> dict:
         if run[-1] not in stops or not as_expected:
             return {"name": name, "ok": False, "detail": f"trained span {tokenizer.decode(run)!r} is not the answer "
                                                           f"{answer[:60]!r} followed by an end-of-turn token"}
-    prompt = generation_prompt_ids(tokenizer, messages[:-1])
+    prompt = generation_prompt_ids(tokenizer, messages[:-1], example.tools)
     if tokenized.input_ids[: len(prompt)] != prompt:
         return {"name": name, "ok": False, "detail": "the inference prompt differs from the tokens training sees before the answer"}
     trained = sum(len(run) for run in runs)

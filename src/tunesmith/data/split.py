@@ -14,6 +14,8 @@ def content_hash(example) -> str:
     """Stable hash of an example's content (ignores where it came from); chat examples hash their messages."""
     if isinstance(example, ChatExample):
         payload = [m.as_dict() for m in example.messages]
+        if example.tools:
+            payload = {"messages": payload, "tools": example.tools}
     else:
         payload = example.model_dump(exclude={"source_line"}, exclude_none=True)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()

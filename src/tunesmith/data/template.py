@@ -25,10 +25,14 @@ class TokenizedExample:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as text, exactly as the model's chat template writes it (`weight` is ours, not its)."""
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+    """The conversation (and the tools it may call) as text, exactly as the model's chat template writes it.
+
+    `weight` is tunesmith's, not the template's, so it is left out.
+    """
     messages = [{key: value for key, value in m.items() if key != "weight"} for m in messages]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
 
 
 def is_trained_turn(message: dict) -> bool:
@@ -51,15 +55,21 @@ def template_fingerprint(tokenizer) -> str:
     return hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:16]
 
 
-def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_char_spans(tokenizer, messages: list[dict],
+                         tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """Rendered text and the character spans of each trained assistant answer plus its end-of-turn marker."""
-    text = render(tokenizer, messages)
+    text = render(tokenizer, messages, tools=tools)
+    missing = [t["function"]["name"] for t in tools or [] if t["function"]["name"] not in text]
+    if missing:
+        raise TunesmithError(f"the model's chat template ignores `tools` (the definition of {missing[0]!r} is not in "
+                             "the rendered example); use a base model whose chat template supports tools, or drop "
+                             "the `tools` field")
     spans = []
     for index, message in enumerate(messages):
         if not is_trained_turn(message):
             continue
-        prefix = render(tokenizer, messages[:index], add_generation_prompt=True)
-        upto = render(tokenizer, messages[: index + 1])
+        prefix = render(tokenizer, messages[:index], add_generation_prompt=True, tools=tools)
+        upto = render(tokenizer, messages[: index + 1], tools=tools)
         if not (text.startswith(upto) and upto.startswith(prefix)):
             raise TunesmithError(
                 "the chat template does not render conversations prefix by prefix, so assistant turns "
@@ -71,9 +81,10 @@ def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tup
     return text, spans
 
 
-def tokenize_example(tokenizer, messages: list[dict], max_length: int) -> TokenizedExample:
+def tokenize_example(tokenizer, messages: list[dict], max_length: int,
+                     tools: list[dict] | None = None) -> TokenizedExample:
     """Token ids and labels with everything but the assistant answers (and their end-of-turn) masked."""
-    text, spans = assistant_char_spans(tokenizer, messages)
+    text, spans = assistant_char_spans(tokenizer, messages, tools)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
     labels = [IGNORE_INDEX] * len(ids)
@@ -94,6 +105,7 @@ def end_of_turn_token_ids(tokenizer) -> list[int]:
     return sorted(stops)
 
 
-def generation_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+def generation_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Prompt token ids for generation, ending with the template's assistant header."""
-    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    text = render(tokenizer, messages, add_generation_prompt=True, tools=tools)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

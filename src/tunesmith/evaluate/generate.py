@@ -16,11 +16,13 @@ class Generation:
 
 
 def generate_batched(model, tokenizer, conversations: list[list[dict]], stop_ids: list[int],
-                     max_new_tokens: int, batch_size: int, on_batch=None) -> list[Generation]:
-    """Greedy answers for each conversation, batched by prompt length, returned in input order."""
+                     max_new_tokens: int, batch_size: int, on_batch=None,
+                     tools: list[list[dict] | None] | None = None) -> list[Generation]:
+    """Greedy answers for each conversation (offered its `tools`, if any), batched by prompt length, in input order."""
     import torch
 
-    prompts = [generation_prompt_ids(tokenizer, messages) for messages in conversations]
+    tools = tools or [None] * len(conversations)
+    prompts = [generation_prompt_ids(tokenizer, messages, offered) for messages, offered in zip(conversations, tools)]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
     pad_id = tokenizer.pad_token_id

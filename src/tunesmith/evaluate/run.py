@@ -51,7 +51,7 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
     if not examples:
         raise TunesmithError(f"{run_dir}: the validation split is empty; raise data.validation_fraction or give data.validation")
     references = [e.reference() for e in examples]
-    tokenized = [tokenize_example(tokenizer, e.message_dicts(), config.data.max_length)
+    tokenized = [tokenize_example(tokenizer, e.message_dicts(), config.data.max_length, e.tools)
                  for e in examples]
     stop_ids = end_of_turn_token_ids(tokenizer)
     model, contenders = load_contenders(run_dir, manifest, tokenizer, list(candidates), settings.compare_base)
@@ -71,7 +71,8 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
                 loss = assistant_token_loss(active, tokenized, tokenizer.pad_token_id, settings.batch_size)
                 answers = generate_batched(active, tokenizer, [e.prompt_messages() for e in examples], stop_ids,
                                            settings.max_new_tokens, settings.batch_size,
-                                           on_batch=lambda n, t=task: progress.advance(t, n))
+                                           on_batch=lambda n, t=task: progress.advance(t, n),
+                                           tools=[e.tools for e in examples])
                 scores = {"validation_loss": loss["loss"], "perplexity": loss["perplexity"]}
                 if settings.general_check:
                     general[contender.label] = general_check(active, tokenizer, stop_ids, settings.batch_size,

@@ -118,7 +118,7 @@ def parent_run(settings: TrainConfig, manifest: dict) -> dict | None:
 
 
 def _tokenized(tokenizer, examples, max_length: int):
-    return [tokenize_example(tokenizer, e.message_dicts(), max_length) for e in examples]
+    return [tokenize_example(tokenizer, e.message_dicts(), max_length, e.tools) for e in examples]
 
 
 def _scheduler_name(settings: TrainConfig) -> str:

@@ -142,7 +142,8 @@ def main() -> None:
     print(json.dumps({"rows": args.rows, "accounting": manifest["data"]["accounting"],
                       "rows_out": manifest["data"]["rows"]}, indent=1))
     print(f"baseline (read + json.loads every row): {base_s:.1f} s")
-    print(f"tunesmith data prepare {' '.join(args.set)}: {wall_s:.1f} s ({wall_s / base_s:.1f}x the baseline), peak RSS {peak_gib:.2f} GiB "
+    print(f"tunesmith data prepare {' '.join(args.set)}: {wall_s:.1f} s ({wall_s / base_s:.1f}x the baseline), "
+          f"peak RSS {peak_gib:.2f} GiB "
           f"(targets: <= 600 s, <= 4 GiB)")
     print(f"duplicate recall: {share:.4f} over {len(truth):,} injected duplicates (target >= 0.95); "
           f"rows dropped as duplicates that were not injected: {false_drops:,}")

@@ -96,8 +96,8 @@ class TrainConfig(_Section):
     """Passes over the training split."""
     adapter: Literal["lora", "dora", "qlora", "full"] = "lora"
     """What SFT trains: a LoRA adapter, DoRA (weight-decomposed LoRA), QLoRA (LoRA on a 4-bit NF4 base; CUDA + bitsandbytes only), or every weight (`full`)."""
-    learning_rate: float = 2e-4
-    """Peak learning rate (AdamW), reached after warmup, then decayed by `lr_scheduler`."""
+    learning_rate: float | None = None
+    """Peak learning rate (AdamW), reached after warmup, then decayed by `lr_scheduler`. Unset: chosen from the model's width (SFT: 5e-5 x 10 for adapters x (2000 / hidden_size) ** 0.781, 1.3e-3 for the default model's LoRA; preference tuning: 2e-4 adapters, 2e-5 full) and recorded in the manifest."""
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     """Learning-rate decay after warmup: to zero linearly, along a cosine, or not at all."""
     batch_size: int = 8

@@ -16,6 +16,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.models import load_tokenizer
 from tunesmith.registry.run_dir import read_manifest, staged_dir, update_manifest
 from tunesmith.train.devices import pick_precision, set_cpu_threads
+from tunesmith.train.learning_rate import with_learning_rate
 from tunesmith.train.model_setup import build_training_model, trainable_parameter_counts
 from tunesmith.train.preference_data import ACCEPTED_KINDS, check_preference_kind, trl_rows
 from tunesmith.train.progress import RichProgressCallback
@@ -54,6 +55,8 @@ def train_preference(run_dir: Path, config: RunConfig) -> dict:
     model_source = parent["model_path"] if parent and settings.adapter == "full" else manifest["base_model"]["source"]
     parent_adapter = parent["adapter_path"] if parent and settings.adapter != "full" else None
     model = build_training_model(model_source, settings, precision, parent_adapter)
+    settings = with_learning_rate(settings, model.config)
+    config = config.model_copy(update={"train": settings})
     trainable, total = trainable_parameter_counts(model)
     started = time.perf_counter()
     target = run_dir / (FULL_MODEL_DIR if settings.adapter == "full" else ADAPTER_DIR)

@@ -20,6 +20,7 @@ from tunesmith.train.batches import StepPlan
 from tunesmith.train.checkpoints import CHECKPOINTS_DIR, newest_complete_checkpoint
 from tunesmith.train.devices import pick_precision, set_cpu_threads
 from tunesmith.train.distributed import default_threads, make_accelerator
+from tunesmith.train.learning_rate import with_learning_rate
 from tunesmith.train.loop import SftLoop, trained_token_loss_module
 from tunesmith.train.model_setup import build_training_model, trainable_parameter_counts
 from tunesmith.train.progress import LoopProgressBar
@@ -50,6 +51,7 @@ def train_sft(run_dir: Path, config: RunConfig, resume: bool = False) -> dict:
     model_source = parent["model_path"] if parent and settings.adapter == "full" else manifest["base_model"]["source"]
     parent_adapter = parent["adapter_path"] if parent and settings.adapter != "full" else None
     model = build_training_model(model_source, settings, precision, parent_adapter)
+    settings = with_learning_rate(settings, model.config)
     trainable, total = trainable_parameter_counts(model)
     module = trained_token_loss_module(model)
     if settings.compile:

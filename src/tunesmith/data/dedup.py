@@ -57,7 +57,7 @@ class NearDuplicateIndex:
         from datasketch import MinHashLSH
 
         # Bands tuned for a lower threshold, weighting misses more: a missed duplicate costs more than a
-        # candidate the signature check rejects (64 permutations at 0.8: 10 bands of 6, 99% of 0.85 pairs met).
+        # candidate the signature check rejects.
         params = MinHashLSH(threshold=max(threshold - 0.1, 0.05), num_perm=num_perm, weights=(0.3, 0.7))
         self.bands, self.band_width = params.b, params.r
         self.threshold = threshold

@@ -112,6 +112,8 @@ class TrainConfig(_Section):
     """Clip the gradient norm to this value before each optimizer step; unset: no clipping."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """`auto` uses bf16 autocast where the CPU/GPU supports it, else fp32; `fp16` (CUDA only) adds loss scaling."""
+    attention: Literal["auto", "model"] = "auto"
+    """`auto`: training on CPU uses tunesmith's grouped-GEMM attention (PyTorch's CPU SDPA kernel is slow on short bf16 sequences; same results); on GPU, and with `model`, the model's own attention (SDPA / flash)."""
     packing: bool = False
     """Padding-free batches: a micro-batch's examples are concatenated into one row whose position ids restart per example, so no example attends to another. Off by default: on CPU the attention kernels compute the whole packed row, and padded micro-batches of length-sorted examples measured faster (513 vs 389 tokens/s on the quickstart); turn on for data of very mixed lengths."""
     gradient_checkpointing: bool = False

@@ -10,6 +10,7 @@ from pathlib import Path
 from tunesmith.config import LoraConfig, TrainConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.models import load_model
+from tunesmith.train.cpu_attention import use_cpu_attention
 
 
 def training_device():
@@ -80,7 +81,10 @@ def attach_adapter(model, train: TrainConfig, parent_adapter: Path | None = None
 
 def build_training_model(base_source: Path | str, train: TrainConfig, precision: str, parent_adapter: Path | None = None):
     """Base model + adapter (or all weights trainable), in train mode, with gradient checkpointing if asked."""
-    model = attach_adapter(load_base_for_training(base_source, train.adapter, precision), train, parent_adapter)
+    base = load_base_for_training(base_source, train.adapter, precision)
+    if train.attention == "auto" and training_device().type == "cpu":
+        use_cpu_attention(base)
+    model = attach_adapter(base, train, parent_adapter)
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):

@@ -45,3 +45,22 @@ def test_gemm_attention_matches_the_models_own_attention(tiny_model_dir, packed,
     tolerance = 2e-2 if autocast else 1e-5
     assert loss_ours == pytest.approx(loss_ref, rel=tolerance)
     assert (grad_ours - grad_ref).norm() <= tolerance * 10 * grad_ref.norm()
+
+
+def test_long_sequences_go_to_sdpa_which_keeps_no_score_matrix(tiny_model_dir, monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from tunesmith.train import cpu_attention
+
+    sdpa, calls = ALL_ATTENTION_FUNCTIONS["sdpa"], []
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    model = load_model(tiny_model_dir)
+    model.config.use_cache = False
+    use_cpu_attention(model)
+    batch = padded_batch(_examples(), pad_token_id=0)
+    with torch.no_grad():
+        short = trained_token_loss_module(model)(**batch).item()
+        assert not calls
+        monkeypatch.setattr(cpu_attention, "MAX_SCORES", 0)
+        long = trained_token_loss_module(model)(**batch).item()
+    assert len(calls) == model.config.num_hidden_layers and long == pytest.approx(short, rel=1e-5)

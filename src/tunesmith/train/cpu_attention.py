@@ -6,12 +6,15 @@ same attention as bf16 matmuls with an fp32 softmax takes a fraction of that. Qu
 are folded into one matrix, so keys and values are never copied per head (transformers' eager path repeats
 them). Masks come from transformers' own `eager_mask` (causal, padding, packed sequences, sliding windows), so
 the result is the model's attention; anything this path does not cover (logit soft-capping, attention sinks)
-goes to SDPA.
+goes to SDPA, and so do long sequences, whose scores would take too much memory.
 """
 
 from __future__ import annotations
 
 NAME = "tunesmith_cpu"
+# Scores kept for the backward pass cost ~6 bytes each (fp32 softmax output + bf16 copy). Up to the default model
+# at batch 8 x 256 tokens (~28 MB a layer) the GEMMs win; longer sequences go to SDPA, which keeps no scores.
+MAX_SCORES = 8 * 9 * 256 * 256
 
 
 def grouped_gemm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -19,7 +22,8 @@ def grouped_gemm_attention(module, query, key, value, attention_mask, scaling=No
     import torch
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+    too_long = query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2] > MAX_SCORES
+    if too_long or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
                                                dropout=dropout, **kwargs)
     batch, heads, length, width = query.shape

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tunesmith.config import RunConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.train.cpu_attention import use_cpu_attention
 
 GIB = 1024**3
 MODES = ("full", "lora", "qlora")
@@ -86,18 +87,23 @@ def plan_memory(config: RunConfig, device: Device, modes: tuple[str, ...] | None
     for mode in modes:
         traced_mode = "lora" if mode == "qlora" else mode
         if traced_mode not in traced:
-            traced[traced_mode] = trace_training_step(model_config, traced_mode, config, seq_len, precision)
+            traced[traced_mode] = trace_training_step(model_config, traced_mode, config, seq_len, precision,
+                                                      cpu_attention=device.kind == "cpu")
         counts, step_peak = traced[traced_mode]
         plans.append(_plan(mode, counts, step_peak, runtime, device, precision, config.train.method))
     return plans
 
 
-def trace_training_step(model_config, mode: str, config: RunConfig, seq_len: int, precision: str) -> tuple[dict, int]:
-    """Parameter counts, and the peak bytes of tensors created by one forward + backward, traced on fake tensors."""
+def trace_training_step(model_config, mode: str, config: RunConfig, seq_len: int, precision: str,
+                        cpu_attention: bool = False) -> tuple[dict, int]:
+    """Parameter counts, and the peak bytes of tensors created by one forward + backward, traced on fake tensors
+    (with the attention training will use: tunesmith's CPU attention when `cpu_attention` and it is enabled)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     model = _empty_model(model_config, mode, config)
+    if cpu_attention and config.train.attention == "auto":
+        use_cpu_attention(model)
     counts = _parameter_counts(model)
     with FakeTensorMode(allow_non_fake_inputs=True):
         _materialize_fake(model)

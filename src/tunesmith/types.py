@@ -29,11 +29,6 @@ class ChatMessage(BaseModel):
         """The message as a plain dict with only the fields that are set (what chat templates expect)."""
         return self.model_dump(exclude_none=True)
 
-    @property
-    def trained(self) -> bool:
-        """True for assistant turns the loss is computed on."""
-        return self.role == "assistant" and self.weight != 0
-
 
 class ChatExample(BaseModel):
     """A training/evaluation example in the canonical chat form every input format is turned into."""

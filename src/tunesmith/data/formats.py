@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from tunesmith.data.readers import iter_records
+from tunesmith.data.template import is_trained_turn
 from tunesmith.errors import TunesmithError
 from tunesmith.types import ChatExample, ChatMessage, PreferenceExample, UnpairedPreferenceExample
 
@@ -91,11 +92,17 @@ def parse_tools(raw) -> list[dict]:
     if not isinstance(raw, list) or not raw:
         raise RowError("wrong_type", "'tools' must be a non-empty list of {type: function, function: {name, ...}}")
     for index, tool in enumerate(raw):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise RowError("wrong_type", f"tools[{index}]: must be {{\"type\": \"function\", \"function\": "
-                                         f"{{\"name\": ..., \"parameters\": {{...}}}}}}")
+        named_function(tool, f"tools[{index}]", "parameters")
     return raw
+
+
+def named_function(item, where: str, detail: str) -> dict:
+    """The `function` object of an OpenAI tool or tool call, which must carry a name."""
+    function = item.get("function") if isinstance(item, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise RowError("wrong_type", f"{where}: must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                                     f"\"{detail}\": ...}}}}")
+    return function
 
 
 def _sharegpt(record: dict) -> ChatExample:
@@ -248,10 +255,7 @@ def parse_tool_calls(raw, where: str) -> list[dict]:
     calls = []
     for index, call in enumerate(raw):
         at = f"{where}.tool_calls[{index}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise RowError("wrong_type", f"{at}: must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
-                                         f"\"arguments\": ...}}}}")
+        function = named_function(call, at, "arguments")
         arguments = function.get("arguments", "{}")
         if isinstance(arguments, dict):
             arguments = json.dumps(arguments, ensure_ascii=False)
@@ -276,7 +280,7 @@ def check_turn_order(messages: list[ChatMessage], ends_with: str) -> None:
         raise RowError("turn_order", "the conversation must start with a user turn (after an optional system message)")
     if ends_with == "assistant" and "assistant" not in roles:
         raise RowError("no_assistant_turn", "no assistant turn: there is nothing to learn from this example")
-    if ends_with == "assistant" and not any(m.trained for m in messages):
+    if ends_with == "assistant" and not any(is_trained_turn(m.as_dict()) for m in messages):
         raise RowError("no_assistant_turn", "every assistant turn has weight 0: there is nothing to learn from this example")
     for number, (before, turn) in enumerate(zip(turns, turns[1:]), start=2):
         called = before.role == "assistant" and bool(before.tool_calls)

@@ -71,12 +71,12 @@ def _mask_check(tokenizer, example: ChatExample) -> dict:
             current = []
     runs += [current] if current else []
     trained_turns = [m for m in messages if is_trained_turn(m)]
-    answers = [m["content"] for m in trained_turns]
     name = f"loss mask (train line {example.source_line})"
-    if len(runs) != len(answers):
-        return {"name": name, "ok": False, "detail": f"{len(runs)} trained spans for {len(answers)} assistant turns"}
-    for run, answer, turn in zip(runs, answers, trained_turns):
-        text = tokenizer.decode(run[:-1])
+    if len(runs) != len(trained_turns):
+        return {"name": name, "ok": False,
+                "detail": f"{len(runs)} trained spans for {len(trained_turns)} assistant turns"}
+    for run, turn in zip(runs, trained_turns):
+        answer, text = turn["content"], tokenizer.decode(run[:-1])
         # A tool-calling turn's trained text is the template's rendering of the calls, not just its content.
         as_expected = answer.strip() in text if turn.get("tool_calls") else text.strip() == answer.strip()
         if run[-1] not in stops or not as_expected:
@@ -87,7 +87,7 @@ def _mask_check(tokenizer, example: ChatExample) -> dict:
         return {"name": name, "ok": False, "detail": "the inference prompt differs from the tokens training sees before the answer"}
     trained = sum(len(run) for run in runs)
     return {"name": name, "ok": True, "detail": f"{trained} of {len(tokenized.input_ids)} tokens trained: "
-                                                f"{len(answers)} answer(s), each ending in an end-of-turn token"}
+                                                f"{len(trained_turns)} answer(s), each ending in an end-of-turn token"}
 
 
 def overlap_check(train, others: dict[str, list], data, name: str, must_be_zero: bool) -> dict:

@@ -77,15 +77,16 @@ def check_row(record: RawRecord) -> CheckedRow:
     if settings.stratify_by:
         label = str(record.value.get(settings.stratify_by))
     text = dedup_text(example)
-    return CheckedRow(record.line, record=json.dumps(example.model_dump(exclude={"source_line"}, exclude_none=True), ensure_ascii=False),
-                      fmt=fmt, label=label, exact=exact_key(text), content=content_hash(example),
-                      signature=_maker.signature(text), pii=pii)
+    record_json = json.dumps(example.model_dump(exclude={"source_line"}, exclude_none=True), ensure_ascii=False)
+    return CheckedRow(record.line, record=record_json, fmt=fmt, label=label, exact=exact_key(text),
+                      content=content_hash(example), signature=_maker.signature(text), pii=pii)
 
 
 def _check_texts(example, special_tokens: tuple[str, ...]) -> None:
     texts = example_texts(example)
-    calls_only = [m.content for m in example.messages if m.tool_calls and not m.content.strip()]
-    if sum(not text.strip() for text in texts) > len(calls_only):  # a turn that only calls tools has no text
+    # A turn that calls tools may have no text of its own; every other text field must.
+    required = [m.content for m in example.messages if not m.tool_calls] + texts[len(example.messages):]
+    if any(not text.strip() for text in required):
         raise RowError("empty_content", "a text field is empty after clean-up (it held only spaces or control characters)")
     for text in texts:
         found = next((token for token in special_tokens if token in text), None)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
@@ -132,6 +133,22 @@ def load_with_adapter(base: Path | str, adapter_dir: Path | str, dtype=None):
     model = PeftModel.from_pretrained(load_model(base, dtype), str(adapter_dir), adapter_name="adapter")
     model.eval()
     return model
+
+
+@contextmanager
+def answering_as(shared, adapter_name: str | None = None, own_model=None):
+    """The model that answers: a fully fine-tuned model of its own, the shared model with one of its adapters on,
+    or the shared model's base (every adapter off, when it carries any)."""
+    if own_model is not None:
+        yield own_model
+    elif adapter_name is not None:
+        shared.set_adapter(adapter_name)
+        yield shared
+    elif hasattr(shared, "disable_adapter"):  # a PeftModel
+        with shared.disable_adapter():
+            yield shared
+    else:
+        yield shared
 
 
 def _from_pretrained(cls, source: Path | str, **kwargs):

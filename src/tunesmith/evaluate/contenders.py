@@ -1,15 +1,15 @@
-"""The models compared: the base, the run's adapter, and adapters of other runs on the same base, in one loaded model."""
+"""The models compared: the base, the run's adapter and adapters of other runs on one loaded base, and fully
+fine-tuned runs beside it."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.data.template import template_fingerprint
 from tunesmith.errors import TunesmithError
-from tunesmith.models import load_model
-from tunesmith.registry.run_dir import read_manifest
+from tunesmith.models import answering_as, load_model
+from tunesmith.registry.run_dir import is_full_fine_tune, read_manifest, trained_weights_dir
 
 BASE = "base"
 FINE_TUNED = "fine-tuned"
@@ -23,18 +23,6 @@ class Contender:
     run_dir: Path | None = None
     model: object | None = None
     """Its own fully fine-tuned model; None when it answers through the shared model (base or an adapter)."""
-
-
-def trained_weights_dir(run_dir: Path, manifest: dict) -> Path:
-    """Where a trained run keeps what it learned: its adapter folder, or its full model for full fine-tuning."""
-    trained = manifest.get("train")
-    if not trained:
-        raise TunesmithError(f"{run_dir} has not been trained yet; run `tunesmith train {run_dir}` first")
-    return Path(run_dir) / (trained.get("adapter_dir") or trained["model_dir"])
-
-
-def is_full_fine_tune(manifest: dict) -> bool:
-    return not manifest["train"].get("adapter_dir")
 
 
 def load_contenders(run_dir: Path, manifest: dict, tokenizer, candidates: list[Path], compare_base: bool):
@@ -84,16 +72,6 @@ def _attach_adapter(model, adapter_dir: Path, name: str):
     return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
 
 
-@contextmanager
 def switched_to(model, contender: Contender):
     """The model answering as this contender: its own full model, the base with adapters off, or its adapter on."""
-    if contender.model is not None:
-        yield contender.model
-    elif contender.adapter_name is not None:
-        model.set_adapter(contender.adapter_name)
-        yield model
-    elif hasattr(model, "disable_adapter"):  # a PeftModel: the base is the model with every adapter off
-        with model.disable_adapter():
-            yield model
-    else:
-        yield model
+    return answering_as(model, contender.adapter_name, contender.model)

@@ -17,7 +17,7 @@ from tunesmith.config import EvaluateConfig, RunConfig
 from tunesmith.data.template import end_of_turn_token_ids, template_fingerprint, tokenize_example
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.compare import compare_models, largest_differences, mean_interval
-from tunesmith.evaluate.contenders import BASE, load_contenders, switched_to, trained_weights_dir
+from tunesmith.evaluate.contenders import BASE, load_contenders, switched_to
 from tunesmith.evaluate.custom_metrics import load_custom_metrics, load_json_schema
 from tunesmith.evaluate.examples import evaluation_examples
 from tunesmith.evaluate.gates import check_gates, parse_gate
@@ -28,7 +28,7 @@ from tunesmith.evaluate.metrics import corpus_scores, score_examples
 from tunesmith.evaluate.overfitting import overfitting_check
 from tunesmith.evaluate.report import html_report, markdown_report
 from tunesmith.models import load_tokenizer
-from tunesmith.registry.run_dir import read_manifest, staged_dir, update_manifest, write_json_atomic
+from tunesmith.registry.run_dir import read_manifest, staged_dir, trained_weights_dir, update_manifest, write_json_atomic
 
 EVAL_DIR = "eval"
 

@@ -69,6 +69,19 @@ def staged_dir(final: Path):
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def trained_weights_dir(run_dir: Path, manifest: dict) -> Path:
+    """Where a trained run keeps what it learned: its adapter folder, or its full model for full fine-tuning."""
+    trained = manifest.get("train")
+    if not trained:
+        raise TunesmithError(f"{run_dir} has not been trained yet; run `tunesmith train {run_dir}` first")
+    return Path(run_dir) / (trained.get("adapter_dir") or trained["model_dir"])
+
+
+def is_full_fine_tune(manifest: dict) -> bool:
+    """True when the run trained every weight (a model folder) rather than an adapter."""
+    return not manifest["train"].get("adapter_dir")
+
+
 def read_manifest(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if not (run_dir / MANIFEST).is_file():

@@ -1,4 +1,4 @@
-"""One loaded model serving two names, the trained adapter and its base, one request at a time, token by token."""
+"""One process serving two names, the trained adapter (or fully fine-tuned model) and its base, a request at a time."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Iterator, NamedTuple
 
 from tunesmith.data.template import end_of_turn_token_ids, generation_prompt_ids, template_fingerprint
 from tunesmith.errors import TunesmithError
-from tunesmith.models import DEFAULT_MODEL_NAME, load_model, load_tokenizer, load_with_adapter
-from tunesmith.registry.run_dir import read_manifest
+from tunesmith.models import DEFAULT_MODEL_NAME, answering_as, load_model, load_tokenizer, load_with_adapter
+from tunesmith.registry.run_dir import is_full_fine_tune, read_manifest, trained_weights_dir
 from tunesmith.serve.protocol import ChatCompletionRequest
 
 ADAPTER_NAME = "adapter"  # the name `load_with_adapter` registers the LoRA weights under
@@ -84,21 +84,21 @@ class ServingEngine:
         manifest = read_manifest(run_dir)
         base_source = manifest["base_model"]["source"]
         trained = manifest.get("train")
-        adapter_dir = run_dir / trained["adapter_dir"] if trained and trained.get("adapter_dir") else None
-        full_dir = run_dir / trained["model_dir"] if trained and not adapter_dir else None
-        if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
-            raise TunesmithError(f"{adapter_dir}: no adapter_config.json; re-run `tunesmith train` for this run")
-        if full_dir is not None and not (full_dir / "config.json").is_file():
-            raise TunesmithError(f"{full_dir}: no config.json; re-run `tunesmith train` for this run")
+        weights_dir = trained_weights_dir(run_dir, manifest) if trained else None
+        full = bool(trained) and is_full_fine_tune(manifest)
+        marker = "config.json" if full else "adapter_config.json"
+        if weights_dir is not None and not (weights_dir / marker).is_file():
+            raise TunesmithError(f"{weights_dir}: no {marker}; re-run `tunesmith train` for this run")
         # The trained folder holds the tokenizer training used, so the template is exactly the trained one.
-        tokenizer = load_tokenizer(adapter_dir or full_dir or base_source)
+        tokenizer = load_tokenizer(weights_dir or base_source)
         if template_fingerprint(tokenizer) != manifest.get("data", {}).get("chat_template_sha"):
             raise TunesmithError(f"{run_dir}: the chat template differs from the one the data was prepared with; "
                                  "re-run `tunesmith prepare` and `tunesmith train`")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_with_adapter(base_source, adapter_dir) if adapter_dir else load_model(base_source)
+        adapter = weights_dir is not None and not full
+        model = load_with_adapter(base_source, weights_dir) if adapter else load_model(base_source)
         model.to(device)
-        tuned_model = load_model(full_dir).to(device) if full_dir else None
+        tuned_model = load_model(weights_dir).to(device) if full else None
         base_name = served_base_name(manifest["base_model"]["name"])
         adapter_name = manifest["name"] if trained else None
         if adapter_name == base_name:
@@ -113,17 +113,13 @@ class ServingEngine:
     def using(self, model_name: str):
         """Hold the generation lock with `model_name`'s weights active; yields the torch model."""
         self.check_model(model_name)
-        with self._lock:
-            if model_name == self.adapter_name and self.tuned_model is not None:
-                yield self.tuned_model
-            elif model_name == self.adapter_name:
-                self.model.set_adapter(ADAPTER_NAME)
-                yield self.model
-            elif self.adapter_name is not None and self.tuned_model is None:
-                with self.model.disable_adapter():
-                    yield self.model
-            else:
-                yield self.model
+        tuned = model_name == self.adapter_name
+        if tuned and self.tuned_model is not None:
+            weights = answering_as(self.model, own_model=self.tuned_model)
+        else:
+            weights = answering_as(self.model, ADAPTER_NAME if tuned else None)
+        with self._lock, weights as model:
+            yield model
 
     def generate(self, request: ChatCompletionRequest) -> Completion:
         """The whole reply at once: (text, finish_reason, prompt_tokens, completion_tokens)."""

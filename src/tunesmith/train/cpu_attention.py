@@ -20,10 +20,11 @@ MAX_SCORES = 8 * 9 * 256 * 256
 def grouped_gemm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: query (B, H, L, D), key/value (B, KV, S, D) -> output (B, L, H, D)."""
     import torch
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     too_long = query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2] > MAX_SCORES
     if too_long or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
                                                dropout=dropout, **kwargs)
     batch, heads, length, width = query.shape

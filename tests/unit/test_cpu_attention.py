@@ -58,9 +58,10 @@ def test_long_sequences_go_to_sdpa_which_keeps_no_score_matrix(tiny_model_dir, m
     model.config.use_cache = False
     use_cpu_attention(model)
     batch = padded_batch(_examples(), pad_token_id=0)
+    loss = trained_token_loss_module(model)
     with torch.no_grad():
-        short = trained_token_loss_module(model)(**batch).item()
+        short = loss(**batch).item()
         assert not calls
         monkeypatch.setattr(cpu_attention, "MAX_SCORES", 0)
-        long = trained_token_loss_module(model)(**batch).item()
+        long = loss(**batch).item()
     assert len(calls) == model.config.num_hidden_layers and long == pytest.approx(short, rel=1e-5)

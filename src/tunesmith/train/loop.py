@@ -53,22 +53,55 @@ def trained_token_loss_module(model):
     """Wrap a causal LM so forward returns the summed loss over trained tokens, running the LM head only there."""
     import torch
 
+    from tunesmith.train.head_loss import HeadWorkspace, linear_cross_entropy
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fused_head = plain_vocabulary_projection(causal_lm)
+
     class TrainedTokenLoss(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.model = inner
+            self.head_workspace = HeadWorkspace()
 
         def forward(self, input_ids, labels, position_ids=None, attention_mask=None):
-            causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            hidden = causal_lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
-                                             attention_mask=attention_mask, use_cache=False).last_hidden_state
             targets = labels[:, 1:]
             keep = targets != IGNORE_INDEX
+            if not fused_head:  # the model changes its logits after the projection: let its own forward do it
+                logits = causal_lm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                   use_cache=False).logits
+                return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+            hidden = causal_lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                             attention_mask=attention_mask, use_cache=False).last_hidden_state
+            weight, device = causal_lm.get_output_embeddings().weight, hidden.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
             # Prompt positions need no logits: skipping the vocabulary projection there is most of the saving.
-            logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-            return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+            return linear_cross_entropy(hidden[:, :-1][keep], weight, targets[keep], dtype, self.head_workspace)
 
     return TrainedTokenLoss(model)
+
+
+def plain_vocabulary_projection(causal_lm) -> bool:
+    """True when the model's logits are just `hidden @ head.weight.T` (no bias, soft-capping or scaling).
+
+    Checked by running the model once on four tokens rather than from a list of architectures, so a model that
+    post-processes its logits in a way nobody listed still trains on its real logits.
+    """
+    import torch
+
+    head = causal_lm.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return False
+    ids = torch.arange(4, device=head.weight.device)[None]
+    training = causal_lm.training
+    causal_lm.eval()
+    try:
+        with torch.no_grad(), torch.autocast(head.weight.device.type, enabled=False):
+            hidden = causal_lm.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+            direct, own = head(hidden).float(), causal_lm(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        causal_lm.train(training)
+    return direct.shape == own.shape and torch.allclose(direct, own, rtol=1e-3, atol=1e-3)
 
 
 class StopSignals:

@@ -11,6 +11,7 @@ from tunesmith.config import LoraConfig, TrainConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.models import load_model
 from tunesmith.train.cpu_attention import use_cpu_attention
+from tunesmith.train.lora_fast_path import scale_lora_on_rank_side
 
 
 def training_device():
@@ -85,12 +86,29 @@ def build_training_model(base_source: Path | str, train: TrainConfig, precision:
     if train.attention == "auto" and training_device().type == "cpu":
         use_cpu_attention(base)
     model = attach_adapter(base, train, parent_adapter)
+    if precision in ("bf16", "fp16") and train.adapter != "full":
+        skip_adapter_input_casts(model)
+    if train.adapter != "full":
+        scale_lora_on_rank_side(model)
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.train()
     return model
+
+
+def skip_adapter_input_casts(model) -> None:
+    """Under autocast, stop peft casting each adapter's input to the fp32 adapter weights' dtype.
+
+    peft casts bf16 activations up to fp32 only for autocast to cast them straight back down for the adapter's
+    matmul: two copies of every o_proj / down_proj input per layer, ~5% of a CPU step on the default model.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
 
 
 def trainable_parameter_counts(model) -> tuple[int, int]:

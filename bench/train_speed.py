@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -164,9 +165,10 @@ def _train_tunesmith(run_dir: Path, epochs: float, overrides: list[str]) -> dict
     counts = _parameter_counts(model)
     trained = sum(trained_token_count(tokenize_example(tokenizer, e.message_dicts(), 256))
                   for e in _examples(run_dir, "train"))
-    # The method's work: frozen weights need forward + input gradients (4 FLOPs/weight/token), adapters all 6,
-    # and the vocabulary projection runs only where a token is trained.
-    flops = (metrics["tokens_seen"] * (4 * counts["backbone"] + 6 * counts["adapter"])
+    # The method's work: frozen weights need forward + input gradients (4 FLOPs/weight/token) except the first
+    # layer's q/k/v, whose input (the frozen embedding, normed) needs none; adapters all 6; the vocabulary
+    # projection runs only where a token is trained. Attention's own score matmuls are not counted.
+    flops = (metrics["tokens_seen"] * (4 * counts["backbone"] - 2 * counts["first_qkv"] + 6 * counts["adapter"])
              + trained * epochs * 4 * counts["head"])
     setup = section["config"]
     return {"tokens": metrics["tokens_seen"], "seconds": metrics["train_seconds"],
@@ -178,12 +180,15 @@ def _train_tunesmith(run_dir: Path, epochs: float, overrides: list[str]) -> dict
 
 
 def _parameter_counts(model) -> dict:
-    """Weights of the transformer blocks, of the vocabulary projection, and of LoRA adapters."""
-    counts = {"backbone": 0, "head": 0, "adapter": 0}
+    """Weights of the transformer blocks (and of the first layer's q/k/v), of the vocabulary projection, of LoRA adapters."""
+    counts = {"backbone": 0, "head": 0, "adapter": 0, "first_qkv": 0}
     for name, parameter in model.named_parameters():
         if "lora_" in name:
             counts["adapter"] += parameter.numel()
-        elif "embed_tokens" in name or "lm_head" in name:
+            continue
+        if re.search(r"layers\.0\.self_attn\.[qkv]_proj\.(base_layer\.)?weight$", name):
+            counts["first_qkv"] += parameter.numel()
+        if "embed_tokens" in name or "lm_head" in name:
             counts["head"] = max(counts["head"], parameter.numel())  # tied: one matrix
         else:
             counts["backbone"] += parameter.numel()

@@ -29,7 +29,7 @@ class HeadWorkspace:
     """
 
     def __init__(self):
-        self.key, self.copy, self.buffers = None, None, {}
+        self.source, self.key, self.copy, self.buffers = None, None, None, {}
 
     def buffer(self, name: str, shape: tuple, dtype, device):
         """A tensor of `shape` from a kept buffer, grown when a larger one is needed."""
@@ -46,9 +46,9 @@ class HeadWorkspace:
             return weight
         if weight.requires_grad:  # trained weights change every step: cast fresh, keep nothing
             return weight.to(dtype)
-        key = (weight.data_ptr(), weight._version, weight.device, dtype)
-        if key != self.key:
-            self.key, self.copy = key, weight.detach().to(dtype)
+        key = (weight._version, dtype)  # in-place writes (load_state_dict, copy_) bump the version
+        if weight is not self.source or key != self.key:
+            self.source, self.key, self.copy = weight, key, weight.detach().to(dtype)
         return self.copy
 
 

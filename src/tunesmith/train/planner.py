@@ -16,6 +16,8 @@ from pathlib import Path
 from tunesmith.config import RunConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.train.cpu_attention import use_cpu_attention
+from tunesmith.train.head_loss import HeadWorkspace, linear_cross_entropy
+from tunesmith.train.model_setup import speed_up_adapter_layers
 
 GIB = 1024**3
 MODES = ("full", "lora", "qlora")
@@ -102,6 +104,7 @@ def trace_training_step(model_config, mode: str, config: RunConfig, seq_len: int
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     model = _empty_model(model_config, mode, config)
+    speed_up_adapter_layers(model, mode, precision)
     if cpu_attention and config.train.attention == "auto":
         use_cpu_attention(model)
     counts = _parameter_counts(model)
@@ -127,8 +130,8 @@ def _micro_batch_loss(model, config: RunConfig, seq_len: int):
         # TRL's DPO/KTO: chosen and rejected (or the KL batch) side by side, padded, logits at every position.
         ids = torch.zeros(train.batch_size * SEQUENCES_PER_EXAMPLE[train.method], seq_len, dtype=torch.long)
         return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
-    # tunesmith's SFT loop: one padding-free row (or padded rows), the decoder, then the LM head on trained tokens
-    # only; here every token is trained, the worst case.
+    # tunesmith's SFT loop: one padding-free row (or padded rows), the decoder, then the fused LM head + loss on
+    # trained tokens only; here every token is trained, the worst case.
     if train.packing:
         ids = torch.zeros(1, train.batch_size * seq_len, dtype=torch.long)
         inputs = {"position_ids": torch.arange(seq_len).repeat(train.batch_size)[None]}
@@ -137,8 +140,10 @@ def _micro_batch_loss(model, config: RunConfig, seq_len: int):
         inputs = {"attention_mask": torch.ones_like(ids)}
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = causal_lm.get_decoder()(input_ids=ids, use_cache=False, **inputs).last_hidden_state
-    logits = causal_lm.get_output_embeddings()(hidden[:, :-1].reshape(-1, hidden.shape[-1])).float()
-    return torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="sum")
+    weight = causal_lm.get_output_embeddings().weight
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+    return linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight, ids[:, 1:].reshape(-1), dtype,
+                                HeadWorkspace())
 
 
 def _plan(mode: str, counts: dict, step_peak: int, runtime: int, device: Device, precision: str,

@@ -116,6 +116,8 @@ class TrainConfig(_Section):
     """`auto`: training on CPU uses tunesmith's grouped-GEMM attention (PyTorch's CPU SDPA kernel is slow on short bf16 sequences; same results); on GPU, and with `model`, the model's own attention (SDPA / flash)."""
     packing: bool = False
     """Padding-free batches: a micro-batch's examples are concatenated into one row whose position ids restart per example, so no example attends to another. Off by default: on CPU the attention kernels compute the whole packed row, and padded micro-batches of length-sorted examples measured faster (513 vs 389 tokens/s on the quickstart); turn on for data of very mixed lengths."""
+    group_by_length: bool = True
+    """SFT: examples of similar length share an optimizer step (within random groups of 50 steps, as transformers' `group_by_length`), so padded micro-batches carry little padding; the order is still random and fixed by the seed. Off: each step draws examples uniformly."""
     gradient_checkpointing: bool = False
     """Recompute activations during the backward pass: less memory, about a third slower."""
     compile: bool = False

@@ -56,3 +56,24 @@ def test_step_plan_is_fixed_by_seed_and_split_evenly_across_processes():
     two = [micro_batches(step, batch_size=2, rank=r, world_size=2) for r in range(2)]
     assert one == [step[:2], step[2:4]]
     assert [sorted(a + b) for a, b in zip(*two)] == [sorted(m) for m in one]
+
+
+def test_grouping_by_length_cuts_padding_and_still_sees_every_example_once_per_epoch():
+    import random
+
+    rng = random.Random(0)
+    lengths = tuple(rng.randint(10, 300) for _ in range(1000))
+    grouped, plain = StepPlan(1000, 8, 3, lengths), StepPlan(1000, 8, 3)
+
+    def padding(plan, epoch):
+        steps = range(epoch * plan.steps_per_epoch, (epoch + 1) * plan.steps_per_epoch)
+        return sum(8 * max(lengths[i] for i in plan.step_examples(s)) - sum(lengths[i] for i in plan.step_examples(s))
+                   for s in steps)
+
+    for epoch in (0, 1):
+        steps = range(epoch * grouped.steps_per_epoch, (epoch + 1) * grouped.steps_per_epoch)
+        assert sorted(i for s in steps for i in grouped.step_examples(s)) == list(range(1000))
+        assert padding(grouped, epoch) < padding(plain, epoch) / 10
+    first_steps = [max(lengths[i] for i in grouped.step_examples(s)) for s in range(50)]
+    assert first_steps != sorted(first_steps, reverse=True)  # long and short steps stay mixed in time
+    assert StepPlan(1000, 8, 3, lengths).step_examples(130) == grouped.step_examples(130)  # a resumed run

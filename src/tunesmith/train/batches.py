@@ -8,18 +8,29 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tunesmith.data.template import IGNORE_INDEX, TokenizedExample
 
 
+# Examples whose lengths are grouped together: 50 global batches, as transformers' LengthGroupedSampler does.
+GROUP_STEPS = 50
+
+
 @dataclass(frozen=True)
 class StepPlan:
-    """Shuffled example order per epoch, cut into global batches of `global_batch` examples."""
+    """Shuffled example order per epoch, cut into global batches of `global_batch` examples.
+
+    With `lengths`, examples of similar length share a step so padded micro-batches waste little: each epoch's
+    shuffled order is cut into groups of GROUP_STEPS global batches, a group is sorted by length and cut into
+    batches, and the batches of a group are shuffled so long and short steps stay mixed in time.
+    """
 
     examples: int
     global_batch: int
     seed: int
+    lengths: tuple[int, ...] | None = None
+    _orders: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -31,9 +42,28 @@ class StepPlan:
     def step_examples(self, step: int) -> list[int]:
         """Indices of the examples optimizer step `step` (0-based) trains on."""
         epoch, within = divmod(step, self.steps_per_epoch)
+        return self.epoch_batches(epoch)[within]
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._orders:
+            self._orders.clear()  # one epoch at a time: the plan is consulted in step order
+            self._orders[epoch] = self._batches(epoch)
+        return self._orders[epoch]
+
+    def _batches(self, epoch: int) -> list[list[int]]:
         order = list(range(self.examples))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order[within * self.global_batch:(within + 1) * self.global_batch]
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        rng.shuffle(order)
+        size = self.global_batch
+        if self.lengths is None:
+            return [order[start:start + size] for start in range(0, self.examples, size)]
+        batches = []
+        for start in range(0, self.examples, size * GROUP_STEPS):
+            group = sorted(order[start:start + size * GROUP_STEPS], key=lambda i: self.lengths[i], reverse=True)
+            group_batches = [group[at:at + size] for at in range(0, len(group), size)]
+            rng.shuffle(group_batches)
+            batches += group_batches
+        return batches
 
 
 def micro_batches(indices: list[int], batch_size: int, rank: int, world_size: int) -> list[list[int]]:

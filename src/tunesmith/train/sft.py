@@ -59,7 +59,8 @@ def train_sft(run_dir: Path, config: RunConfig, resume: bool = False) -> dict:
         causal_lm.get_decoder().compile(dynamic=True)  # in place: parameter names (and checkpoints) stay the same
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
                                   weight_decay=settings.weight_decay)
-    plan = StepPlan(len(train_examples), settings.batch_size * settings.grad_accum, config.seed)
+    lengths = tuple(len(e.input_ids) for e in train_examples) if settings.group_by_length else None
+    plan = StepPlan(len(train_examples), settings.batch_size * settings.grad_accum, config.seed, lengths)
     total_steps = plan.total_steps(settings.epochs, settings.max_steps)
     scheduler = get_scheduler(_scheduler_name(settings), optimizer, num_training_steps=total_steps,
                               num_warmup_steps=math.ceil(settings.warmup_ratio * total_steps))

@@ -75,3 +75,11 @@ def test_models_that_change_their_logits_after_the_projection_train_on_their_own
         expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), reduction="sum")
         loss = trained_token_loss_module(model)(input_ids=ids, labels=labels)
         assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_micro_batch_with_no_trained_token_gives_zero_loss_and_zero_gradients():
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(40, 8))
+    loss = linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long), torch.bfloat16, HeadWorkspace())
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.shape == (0, 8) and not weight.grad.any()

@@ -61,7 +61,8 @@ def _chunked_loss_and_gradients(hidden, weight, targets, workspace: HeadWorkspac
     """
     import torch
 
-    rows, step = hidden.shape[0], min(hidden.shape[0], chunk_rows(weight.shape[0]))
+    # At least one row a chunk: a micro-batch with nothing to train (an empty DDP share) has zero rows.
+    rows, step = hidden.shape[0], max(1, min(hidden.shape[0], chunk_rows(weight.shape[0])))
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None

@@ -31,8 +31,9 @@ def test_loss_and_gradients_match_the_plain_path_across_chunks(monkeypatch, dtyp
     hidden.grad, weight.grad = None, None
 
     workspace = HeadWorkspace()  # buffers kept from a smaller micro-batch must not leak into the next
-    linear_cross_entropy(hidden[:7].detach(), weight.detach(), targets[:7], dtype, workspace)
-    loss = linear_cross_entropy(hidden, weight, targets, dtype, workspace)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        linear_cross_entropy(hidden[:7].detach(), weight.detach(), targets[:7], workspace)
+        loss = linear_cross_entropy(hidden, weight, targets, workspace)
     (loss * upstream).backward()
     grads = [hidden.grad] + ([weight.grad] if train_weight else [])
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -45,7 +46,7 @@ def test_no_gradients_are_computed_without_autograd():
     hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(40, 8)
     targets = torch.randint(0, 40, (5,))
     with torch.no_grad():
-        loss = linear_cross_entropy(hidden, weight, targets, torch.float32, HeadWorkspace())
+        loss = linear_cross_entropy(hidden, weight, targets, HeadWorkspace())
     assert loss.grad_fn is None and loss.item() == pytest.approx(_plain(hidden, weight, targets, torch.float32).item())
 
 
@@ -80,6 +81,7 @@ def test_models_that_change_their_logits_after_the_projection_train_on_their_own
 def test_a_micro_batch_with_no_trained_token_gives_zero_loss_and_zero_gradients():
     hidden = torch.randn(0, 8, requires_grad=True)
     weight = torch.nn.Parameter(torch.randn(40, 8))
-    loss = linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long), torch.bfloat16, HeadWorkspace())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long), HeadWorkspace())
     loss.backward()
     assert loss.item() == 0.0 and hidden.grad.shape == (0, 8) and not weight.grad.any()

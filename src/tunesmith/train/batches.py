@@ -42,9 +42,9 @@ class StepPlan:
     def step_examples(self, step: int) -> list[int]:
         """Indices of the examples optimizer step `step` (0-based) trains on."""
         epoch, within = divmod(step, self.steps_per_epoch)
-        return self.epoch_batches(epoch)[within]
+        return self._epoch_batches(epoch)[within]
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
         if epoch not in self._orders:
             self._orders.clear()  # one epoch at a time: the plan is consulted in step order
             self._orders[epoch] = self._batches(epoch)

@@ -73,10 +73,9 @@ def trained_token_loss_module(model):
                 return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
             hidden = causal_lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
                                              attention_mask=attention_mask, use_cache=False).last_hidden_state
-            weight, device = causal_lm.get_output_embeddings().weight, hidden.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+            weight = causal_lm.get_output_embeddings().weight
             # Prompt positions need no logits: skipping the vocabulary projection there is most of the saving.
-            return linear_cross_entropy(hidden[:, :-1][keep], weight, targets[keep], dtype, self.head_workspace)
+            return linear_cross_entropy(hidden[:, :-1][keep], weight, targets[keep], self.head_workspace)
 
     return TrainedTokenLoss(model)
 

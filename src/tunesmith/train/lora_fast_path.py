@@ -10,27 +10,26 @@ arguments) goes to peft's own forward.
 
 from __future__ import annotations
 
-_FAST_CLASS = None
+import functools
 
-
+@functools.cache
 def _fast_class():
-    global _FAST_CLASS
-    if _FAST_CLASS is None:
-        from peft.tuners.lora.layer import Linear
+    from peft.tuners.lora.layer import Linear
 
-        class RankSideScaledLoraLinear(Linear):
-            def forward(self, x, *args, **kwargs):
-                names = self.active_adapters
-                if args or kwargs or self.disable_adapters or self.merged or len(names) != 1:
-                    return super().forward(x, *args, **kwargs)
-                name = names[0]
-                if name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
-                    return super().forward(x, *args, **kwargs)  # a LoRA bias is scaled too: not the same sum
-                down = self.lora_A[name](self.lora_dropout[name](x))
-                return self.base_layer(x) + self.lora_B[name](down * self.scaling[name])
+    class RankSideScaledLoraLinear(Linear):
+        def forward(self, x, *args, **kwargs):
+            names = self.active_adapters
+            if args or kwargs or self.disable_adapters or self.merged or len(names) != 1:
+                return super().forward(x, *args, **kwargs)
+            name = names[0]
+            if name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
+                return super().forward(x, *args, **kwargs)  # a LoRA bias is scaled too: not the same sum
+            result = self.base_layer(x)
+            lora_input = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)  # as peft (off under autocast)
+            down = self.lora_A[name](self.lora_dropout[name](lora_input))
+            return (result + self.lora_B[name](down * self.scaling[name])).to(result.dtype)
 
-        _FAST_CLASS = RankSideScaledLoraLinear
-    return _FAST_CLASS
+    return RankSideScaledLoraLinear
 
 
 def scale_lora_on_rank_side(model) -> int:

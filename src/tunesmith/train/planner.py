@@ -140,10 +140,8 @@ def _micro_batch_loss(model, config: RunConfig, seq_len: int):
         inputs = {"attention_mask": torch.ones_like(ids)}
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = causal_lm.get_decoder()(input_ids=ids, use_cache=False, **inputs).last_hidden_state
-    weight = causal_lm.get_output_embeddings().weight
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
-    return linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight, ids[:, 1:].reshape(-1), dtype,
-                                HeadWorkspace())
+    return linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), causal_lm.get_output_embeddings().weight,
+                                ids[:, 1:].reshape(-1), HeadWorkspace())
 
 
 def _plan(mode: str, counts: dict, step_peak: int, runtime: int, device: Device, precision: str,

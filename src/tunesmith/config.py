@@ -224,6 +224,17 @@ class ServeConfig(_Section):
     """Default `max_tokens` when a request does not set one."""
 
 
+class RegistryConfig(_Section):
+    name: str | None = None
+    """After `tunesmith run`, register the trained run as a version of this model (same content: same version)."""
+    promote_to: str | None = None
+    """Alias to move to the new version after registering (such as `production`), when the promotion gates pass."""
+    promote_if: list[str] = []
+    """Gates a promotion must pass besides evaluate.gates, such as `exact_match >= champion + 0.02`."""
+    track: bool = False
+    """Log every trained and evaluated run to MLflow (params, loss curves, metrics), registered or not."""
+
+
 class RunConfig(_Section):
     name: str = "run"
     """Run name; artifacts go to `<output_dir>/<name>`."""
@@ -241,6 +252,8 @@ class RunConfig(_Section):
     """Evaluation stage settings."""
     serve: ServeConfig = ServeConfig()
     """Serving settings."""
+    registry: RegistryConfig = RegistryConfig()
+    """Model registry settings (MLflow; `MLFLOW_TRACKING_URI` names a server, else a local store in the home)."""
 
     @property
     def run_dir(self) -> Path:

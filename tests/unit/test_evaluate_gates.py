@@ -18,7 +18,7 @@ RESULTS = {"base": {"exact_match": 0.40, "general_ppl": 10.0},
 def test_relative_and_absolute_gates_say_which_model_failed_and_by_how_much():
     gates = [parse_gate("exact_match >= base + 0.20"), parse_gate("general_ppl <= base * 1.05"),
              parse_gate("exact_match > 0.5")]
-    outcomes = {(o["gate"], o["model"]): o for o in check_gates(gates, RESULTS, "base")}
+    outcomes = {(o["gate"], o["model"]): o for o in check_gates(gates, RESULTS, {"base": "base"})}
     assert len(outcomes) == 6  # every gate against every model but the base
     failed = outcomes[("exact_match >= base + 0.20", "fine-tuned")]
     assert not failed["passed"] and failed["threshold"] == pytest.approx(0.60)
@@ -39,12 +39,23 @@ def test_malformed_gates_are_one_clear_error(text):
 
 def test_gate_on_an_unknown_metric_names_the_known_ones():
     with pytest.raises(TunesmithError, match="no metric 'exact' .*known: exact_match, general_ppl"):
-        check_gates([parse_gate("exact >= 0.5")], RESULTS, "base")
+        check_gates([parse_gate("exact >= 0.5")], RESULTS, {"base": "base"})
 
 
 def test_relative_gate_without_a_base_is_refused():
     with pytest.raises(TunesmithError, match="compare_base"):
-        check_gates([parse_gate("exact_match >= base")], {"fine-tuned": RESULTS["fine-tuned"]}, None)
+        check_gates([parse_gate("exact_match >= base")], {"fine-tuned": RESULTS["fine-tuned"]}, {})
+
+
+def test_champion_gates_compare_with_the_champion_and_skip_it():
+    gates = [parse_gate("exact_match >= champion + 0.02"), parse_gate("general_ppl <= champion * 1.05")]
+    outcomes = check_gates(gates, RESULTS, {"base": "base", "champion": "fine-tuned"})
+    assert {o["model"] for o in outcomes} == {"other"}  # neither reference is judged
+    gain, ppl = outcomes
+    assert gain["passed"] and gain["threshold"] == pytest.approx(0.57)
+    assert not ppl["passed"] and ppl["threshold"] == pytest.approx(10.92)
+    with pytest.raises(TunesmithError, match="champion model, which was not evaluated"):
+        check_gates(gates, RESULTS, {"base": "base"})
 
 
 def curve(*losses, every=10):

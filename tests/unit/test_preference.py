@@ -14,7 +14,7 @@ from tunesmith.data.split import dataset_hash
 from tunesmith.data.template import template_fingerprint
 from tunesmith.errors import TunesmithError
 from tunesmith.models import load_tokenizer
-from tunesmith.registry.run_dir import MANIFEST, environment, read_manifest, write_json_atomic
+from tunesmith.registry.run_dir import MANIFEST, environment, read_json, write_json_atomic
 from tunesmith.train.preference import train_preference
 from tunesmith.types import ChatMessage, ChatExample
 
@@ -71,7 +71,7 @@ def test_dpo_writes_an_adapter_that_prefers_the_chosen_replies(tmp_path, tiny_mo
     assert (adapter / "tokenizer_config.json").is_file() and not (adapter / "ref").exists()
     assert not list(run_dir.glob(".adapter.tmp-*")) and not (adapter / "_trainer").exists()
 
-    manifest = read_manifest(run_dir)
+    manifest = read_json(run_dir / MANIFEST)
     assert manifest["train"] == json.loads(json.dumps(section))
     metrics = section["metrics"]
     for key in ("method", "adapter_dir", "data_hash", "base_model", "config", "metrics", "loss_curve", "wall_time_s"):
@@ -113,8 +113,8 @@ def test_dpo_continues_from_an_sft_run_and_records_the_parent(tmp_path, tiny_mod
     section = train_preference(run_dir, config)
     parent = section["parent"]
     assert parent["run_dir"] == str(sft_dir.resolve()) and parent["name"] == "tiny"
-    assert parent["method"] == read_manifest(sft_dir)["train"]["method"]
-    assert parent["data_hash"] == read_manifest(sft_dir)["data"]["dataset_hash"]
+    assert parent["method"] == read_json(sft_dir / MANIFEST)["train"]["method"]
+    assert parent["data_hash"] == read_json(sft_dir / MANIFEST)["data"]["dataset_hash"]
     # The reference is the parent policy, so DPO starts at exactly log(2) even though the adapter is not zero.
     assert section["loss_curve"][0]["loss"] == pytest.approx(0.6931, abs=1e-3)
     # Same adapter layout as the parent (its rank, not train.lora.r), and the weights moved on from it.
@@ -136,7 +136,7 @@ def test_preference_run_is_evaluated_and_served_like_an_sft_run(tmp_path, tiny_m
         "max_examples": 2, "max_new_tokens": 4, "general_check": False, "bootstrap_samples": 50})})
     report = evaluate_run(run_dir, config)
     assert set(report["results"]) == {"base", "fine-tuned"} and report["examples"] == 2
-    assert "evaluate" in read_manifest(run_dir)
+    assert "evaluate" in read_json(run_dir / MANIFEST)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -150,7 +150,7 @@ def test_bad_preference_input_is_one_clear_error(tmp_path, tiny_model_dir, case,
     run_dir, config = make_preference_run(tmp_path, tiny_model_dir, overrides=overrides,
                                           kind="unpaired_preference" if case == "kind" else "preference")
     if case == "sft-data":
-        manifest = read_manifest(run_dir)
+        manifest = read_json(run_dir / MANIFEST)
         del manifest["data"]["kind"]
         write_json_atomic(run_dir / MANIFEST, manifest)
     if case.startswith("parent"):
@@ -159,7 +159,7 @@ def test_bad_preference_input_is_one_clear_error(tmp_path, tiny_model_dir, case,
                                   "train": {**config.train.model_dump(mode="json"), "init_from": str(parent)}})
     with pytest.raises(TunesmithError, match=message):
         train_preference(run_dir, config)
-    assert not (run_dir / "adapter").exists() and "train" not in read_manifest(run_dir)
+    assert not (run_dir / "adapter").exists() and "train" not in read_json(run_dir / MANIFEST)
 
 
 def test_shipped_preference_example_validates():

@@ -34,3 +34,60 @@ def test_a_failed_stage_leaves_no_folder_and_keeps_the_old_one(tmp_path, umask_0
         raise RuntimeError("crash mid-write")
     assert [p.name for p in final.iterdir()] == ["old"]
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+V1_MANIFEST = {  # the layout before typed records: no version, same sections
+    "name": "old", "base_model": {"name": "default", "source": "/models/x"},
+    "data": {"kind": "sft", "rows": {"train": 8, "validation": 2}, "dataset_hash": "ab" * 32,
+             "chat_template_sha": "0123456789abcdef", "tokens": {"train": {"total": 10}}},
+    "train": {"method": "lora-sft", "adapter": "lora", "adapter_dir": "adapter", "model_dir": None, "parent": None,
+              "data_hash": "ab" * 32, "base_model": {"name": "default", "source": "/models/x"}, "config": {"epochs": 1},
+              "metrics": {"steps": 3}, "loss_curve": [{"step": 1, "loss": 2.0}]},
+    "environment": {"python": "3.11"},
+}
+
+
+def test_a_run_of_the_previous_layout_loads_and_records_in_the_new_one(tmp_path):
+    from tunesmith.records import MANIFEST_VERSION
+    from tunesmith.registry.run import Run
+    from tunesmith.registry.run_dir import read_json
+
+    write_json_atomic(tmp_path / "manifest.json", V1_MANIFEST)
+    run = Run.open(tmp_path)
+    assert run.manifest.version == 1 and run.weights_dir == tmp_path / "adapter" and not run.is_full_fine_tune
+    assert run.trained.loss_curve[0].loss == 2.0 and run.manifest.data.tokens["train"]["total"] == 10
+    run.record("evaluate", {"report": "eval/report.json", "results": {"base": {"exact_match": 0.5}}})
+    written = read_json(tmp_path / "manifest.json")
+    assert written["version"] == MANIFEST_VERSION and written["train"] == V1_MANIFEST["train"]
+    assert Run.open(tmp_path).manifest.evaluate.results["base"]["exact_match"] == 0.5
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["data"].pop("dataset_hash"), r"data\.dataset_hash: Field required"),
+    (lambda m: m.update(version=99), "written by a newer tunesmith"),
+    (lambda m: m["train"].update(loss_curve="lots"), r"train\.loss_curve"),
+])
+def test_a_manifest_that_does_not_match_the_contract_is_one_clear_error(tmp_path, edit, message):
+    import copy
+
+    from tunesmith.errors import TunesmithError
+    from tunesmith.registry.run import Run
+
+    manifest = copy.deepcopy(V1_MANIFEST)
+    edit(manifest)
+    write_json_atomic(tmp_path / "manifest.json", manifest)
+    with pytest.raises(TunesmithError, match=message):
+        Run.open(tmp_path)
+
+
+def test_an_untrained_run_and_a_changed_template_say_what_to_run(tmp_path, tiny_model_dir):
+    from tunesmith.errors import TunesmithError
+    from tunesmith.models import load_tokenizer
+    from tunesmith.registry.run import Run
+
+    write_json_atomic(tmp_path / "manifest.json", {k: v for k, v in V1_MANIFEST.items() if k != "train"})
+    run = Run.open(tmp_path)
+    with pytest.raises(TunesmithError, match="has not been trained yet; run `tunesmith train"):
+        run.weights_dir
+    with pytest.raises(TunesmithError, match="chat template of the base model differs.*re-run `tunesmith prepare`"):
+        run.check_template(load_tokenizer(tiny_model_dir))

@@ -54,17 +54,17 @@ def prepare(
 
     from tunesmith.config import load_config
     from tunesmith.data.prepare import prepare as prepare_data
-    from tunesmith.registry.run_dir import read_manifest
+    from tunesmith.registry.run import Run
 
     run_dir = prepare_data(load_config(config, overrides or []), overwrite=overwrite)
-    data = read_manifest(run_dir)["data"]
-    accounting, console = data["accounting"], Console()
+    data = Run.open(run_dir).manifest.data
+    accounting, console = data.accounting, Console()
     dropped = ", ".join(f"{n:,} {reason}" for reason, n in sorted(accounting["dropped"].items(), key=lambda i: -i[1]))
     console.print(f"[bold green]prepared[/] {run_dir}: read {accounting['read']:,} = kept {accounting['kept']:,} + dropped "
                   f"{sum(accounting['dropped'].values()):,}{f' ({dropped})' if dropped else ''}")
-    console.print(f"  {data['rows']['train']:,} train / {data['rows']['validation']:,} validation rows; "
-                  f"version {data['dataset_hash'][:12]}; card {run_dir / data['card']} (+ .html); "
-                  f"dropped rows {run_dir / data['dropped_file']}")
+    console.print(f"  {data.rows['train']:,} train / {data.rows['validation']:,} validation rows; "
+                  f"version {data.dataset_hash[:12]}; card {run_dir / data.card} (+ .html); "
+                  f"dropped rows {run_dir / data.dropped_file}")
 
 
 @data_app.command()
@@ -80,12 +80,12 @@ def check(
     from tunesmith.config import load_run_config
     from tunesmith.data.preflight import preflight_report, raise_on_failures
     from tunesmith.models import load_tokenizer
-    from tunesmith.registry.run_dir import read_manifest
+    from tunesmith.registry.run import Run
 
     overrides = [f"data.preflight_examples={examples}"] if examples is not None else []
-    config, manifest = load_run_config(run_dir, overrides), read_manifest(run_dir)
-    tokenizer = load_tokenizer(manifest["base_model"]["source"])
-    report = preflight_report(run_dir, config, tokenizer, manifest["data"], tuple(against or ()))
+    config, run = load_run_config(run_dir, overrides), Run.open(run_dir)
+    tokenizer = load_tokenizer(run.base_source)
+    report = preflight_report(run_dir, config, tokenizer, run.manifest.data.model_dump(), tuple(against or ()))
     table = Table("check", "ok", "detail", title=f"pre-flight check of {run_dir}")
     for item in report["checks"]:
         table.add_row(item["name"], "[green]yes[/]" if item["ok"] else "[red]NO[/]", item["detail"])

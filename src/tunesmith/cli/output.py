@@ -10,14 +10,14 @@ console = Console()
 
 
 def prepared(run_dir: Path) -> None:
-    from tunesmith.registry.run_dir import read_manifest
+    from tunesmith.registry.run import Run
 
-    data = read_manifest(run_dir)["data"]
-    tokens = data["tokens"]["train"]
+    data = Run.open(run_dir).manifest.data
+    tokens = data.tokens["train"]
     console.print(
-        f"[bold green]prepared[/] {run_dir}: {data['rows']['train']} train / {data['rows']['validation']} validation rows, "
+        f"[bold green]prepared[/] {run_dir}: {data.rows['train']} train / {data.rows['validation']} validation rows, "
         f"{tokens['total']:,} train tokens ({tokens['trained_share']:.0%} trained), "
-        f"{tokens['truncated_examples']} truncated; data hash {data['dataset_hash'][:12]}"
+        f"{tokens['truncated_examples']} truncated; data hash {data.dataset_hash[:12]}"
     )
 
 
@@ -25,9 +25,9 @@ def show_mask(run_dir: Path, config, count: int) -> None:
     from tunesmith.data.mask_view import mask_legend, masked_example_text
     from tunesmith.data.prepare import read_split
     from tunesmith.models import load_tokenizer
-    from tunesmith.registry.run_dir import read_manifest
+    from tunesmith.registry.run import Run
 
-    tokenizer = load_tokenizer(read_manifest(run_dir)["base_model"]["source"])
+    tokenizer = load_tokenizer(Run.open(run_dir).base_source)
     console.print("[bold]Loss mask[/]: [bold green on grey11]highlighted[/] tokens are trained, [dim]dim[/] ones are not.")
     for example in read_split(run_dir, "train")[:count]:
         messages = [m.as_dict() for m in example.messages]

@@ -17,6 +17,8 @@ from tunesmith.data.rows import RowSettings
 from tunesmith.data.template import template_fingerprint
 from tunesmith.errors import TunesmithError
 from tunesmith.models import load_tokenizer, resolve_base_model
+from tunesmith.records import MANIFEST_VERSION, BaseModelRef, Manifest
+from tunesmith.registry.run import write_manifest
 from tunesmith.registry.run_dir import MANIFEST, environment, staged_dir, write_json_atomic
 from tunesmith.types import ChatExample, PreferenceExample, UnpairedPreferenceExample
 
@@ -39,9 +41,9 @@ def prepare(config: RunConfig, overwrite: bool = False) -> Path:
         data_section = prepare_data(config, tokenizer, data_dir)
         data_section["wall_time_s"] = round(time.perf_counter() - started, 2)
         (staging / "config.yaml").write_text(config_to_yaml(config), encoding="utf-8")
-        manifest = {"name": config.name, "base_model": {"name": config.base_model, "source": str(base_source)},
-                    "data": data_section, "environment": environment()}
-        write_json_atomic(staging / MANIFEST, manifest)
+        write_manifest(staging / MANIFEST, Manifest(
+            version=MANIFEST_VERSION, name=config.name, data=data_section, environment=environment(),
+            base_model=BaseModelRef(name=config.base_model, source=str(base_source))))
         (data_dir / CARD_MD).write_text(card_markdown(data_section, config.name), encoding="utf-8")
         (data_dir / CARD_HTML).write_text(card_html(card_markdown(data_section, config.name), data_section), encoding="utf-8")
         if data_section["kind"] == "sft":
@@ -134,9 +136,9 @@ def read_split(run_dir: Path, split: str) -> list[ChatExample]:
 
 def read_preference_split(run_dir: Path, split: str) -> list[PreferenceExample] | list[UnpairedPreferenceExample]:
     """Preference records (paired or unpaired, as the manifest's data.kind says) from a prepared run directory."""
-    from tunesmith.registry.run_dir import read_manifest
+    from tunesmith.registry.run import Run
 
-    kind = read_manifest(run_dir)["data"].get("kind", "sft")
+    kind = Run.open(run_dir).data_kind
     if kind not in RECORD_TYPES:
         raise TunesmithError(f"{run_dir} holds {kind} data, not preference pairs; prepare it from preference data")
     path = Path(run_dir) / "data" / (TRAIN_FILE if split == "train" else VALIDATION_FILE)

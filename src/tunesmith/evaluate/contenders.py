@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunesmith.data.template import template_fingerprint
 from tunesmith.errors import TunesmithError
 from tunesmith.models import answering_as, load_model
-from tunesmith.registry.run_dir import is_full_fine_tune, read_manifest, trained_weights_dir
+from tunesmith.registry.run import Run
 
 BASE = "base"
 FINE_TUNED = "fine-tuned"
+CHAMPION = "champion"
 
 
 @dataclass
@@ -25,42 +25,46 @@ class Contender:
     """Its own fully fine-tuned model; None when it answers through the shared model (base or an adapter)."""
 
 
-def load_contenders(run_dir: Path, manifest: dict, tokenizer, candidates: list[Path], compare_base: bool):
+def load_contenders(run: Run, tokenizer, candidates: list[Path], compare_base: bool, champion: Path | None = None):
     """The shared model (base, with every adapter attached) and the contenders in report order (base first).
 
-    Adapters share one copy of the base weights; a fully fine-tuned run brings its own model.
+    Adapters share one copy of the base weights; a fully fine-tuned run brings its own model. `champion` is the run
+    a promotion must beat, labelled `champion`.
     """
-    shared = load_model(manifest["base_model"]["source"])
+    shared = load_model(run.base_source)
     contenders = [Contender(BASE, None)] if compare_base else []
-    runs = [(FINE_TUNED, Path(run_dir), manifest)]
-    taken = {c.label for c in contenders} | {FINE_TUNED}
+    runs = [(FINE_TUNED, run)]
+    if champion is not None:
+        runs.append((CHAMPION, Run.open(champion)))
+        check_comparable(runs[-1][1], run, tokenizer)
+    taken = {c.label for c in contenders} | {label for label, _ in runs}
     for candidate in candidates:
-        other = read_manifest(candidate)
-        check_comparable(candidate, other, manifest, tokenizer)
-        label = other.get("name") or Path(candidate).name
+        other = Run.open(candidate)
+        check_comparable(other, run, tokenizer)
+        label = other.name or Path(candidate).name
         while label in taken:
             label += "'"
         taken.add(label)
-        runs.append((label, Path(candidate), other))
-    for number, (label, directory, run_manifest) in enumerate(runs):
-        weights = trained_weights_dir(directory, run_manifest)
-        if is_full_fine_tune(run_manifest):
-            contenders.append(Contender(label, None, directory, model=load_model(weights)))
+        runs.append((label, other))
+    for number, (label, contender_run) in enumerate(runs):
+        weights = contender_run.weights_dir
+        if contender_run.is_full_fine_tune:
+            contenders.append(Contender(label, None, contender_run.directory, model=load_model(weights)))
             continue
         name = "adapter" if number == 0 else f"candidate_{number - 1}"
         shared = _attach_adapter(shared, weights, name)
-        contenders.append(Contender(label, name, directory))
+        contenders.append(Contender(label, name, contender_run.directory))
     shared.eval()
     return shared, contenders
 
 
-def check_comparable(candidate: Path, other: dict, manifest: dict, tokenizer) -> None:
+def check_comparable(candidate: Run, run: Run, tokenizer) -> None:
     """A candidate must start from the run's base model and use its chat template."""
-    if other["base_model"]["source"] != manifest["base_model"]["source"]:
-        raise TunesmithError(f"candidate {candidate} was trained on {other['base_model']['source']}, not on "
-                             f"{manifest['base_model']['source']}; candidates must share the run's base model")
-    if other.get("data", {}).get("chat_template_sha") != template_fingerprint(tokenizer):
-        raise TunesmithError(f"candidate {candidate} used a different chat template; it cannot be compared fairly")
+    if candidate.base_source != run.base_source:
+        raise TunesmithError(f"candidate {candidate.directory} was trained on {candidate.base_source}, not on "
+                             f"{run.base_source}; candidates must share the run's base model")
+    candidate.check_template(tokenizer, whose=f"the run being evaluated ({run.directory}); compare runs made "
+                                              "with one template")
 
 
 def _attach_adapter(model, adapter_dir: Path, name: str):

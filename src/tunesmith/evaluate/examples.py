@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tunesmith.data.prepare import read_preference_split, read_split
+from tunesmith.registry.run import Run
 from tunesmith.types import ChatExample, ChatMessage, PreferenceExample
 
 
-def evaluation_examples(run_dir: Path, manifest: dict) -> list[ChatExample]:
+def evaluation_examples(run: Run) -> list[ChatExample]:
     """SFT runs: the validation split. Preference runs: each prompt with its preferred (or desirable) reply."""
-    if manifest["data"].get("kind", "sft") == "sft":
+    run_dir = run.directory
+    if run.data_kind == "sft":
         return read_split(run_dir, "validation")
     examples = []
     for record in read_preference_split(run_dir, "validation"):

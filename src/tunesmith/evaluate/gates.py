@@ -1,4 +1,8 @@
-"""Gates: pass/fail rules over the report, such as `exact_match >= base + 0.20`, so CI can refuse a model."""
+"""Gates: pass/fail rules over the report, such as `exact_match >= base + 0.20`, so CI can refuse a model.
+
+A gate's threshold is a number, or relative to a reference model: `base` (the base model) or `champion` (the
+model that holds the alias a promotion would move, evaluated on the same examples).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,11 @@ from tunesmith.errors import TunesmithError
 COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _GATE = re.compile(rf"^\s*(?P<metric>[A-Za-z_][\w:.\-]*)\s*(?P<op>>=|<=|==|>|<)\s*"
-                   rf"(?:(?P<base>base)\s*(?:(?P<arith>[-+*])\s*(?P<amount>{_NUMBER}))?|(?P<value>{_NUMBER}))\s*$")
-EXAMPLE = '"exact_match >= base + 0.20", "general_ppl <= base * 1.05" or "json_valid >= 0.95"'
+                   rf"(?:(?P<reference>base|champion)\s*(?:(?P<arith>[-+*])\s*(?P<amount>{_NUMBER}))?"
+                   rf"|(?P<value>{_NUMBER}))\s*$")
+EXAMPLE = ('"exact_match >= base + 0.20", "general_ppl <= base * 1.05", "exact_match >= champion + 0.02" '
+           'or "json_valid >= 0.95"')
+REFERENCES = ("base", "champion")
 
 
 @dataclass(frozen=True)
@@ -20,46 +27,52 @@ class Gate:
     text: str
     metric: str
     op: str
-    relative_to_base: bool
+    reference: str | None
+    """`base`, `champion`, or None for an absolute threshold."""
     arith: str | None
     amount: float
 
-    def threshold(self, base_value: float | None) -> float:
-        if not self.relative_to_base:
+    @property
+    def relative_to_base(self) -> bool:
+        return self.reference == "base"
+
+    def threshold(self, reference_value: float) -> float:
+        if self.reference is None:
             return self.amount
-        if base_value is None:
-            raise TunesmithError(f"gate {self.text!r} compares with the base model, which was not evaluated "
-                                 "(set evaluate.compare_base=true or use an absolute threshold)")
         if self.arith == "*":
-            return base_value * self.amount
-        return base_value + (self.amount if self.arith != "-" else -self.amount)
+            return reference_value * self.amount
+        return reference_value + (self.amount if self.arith != "-" else -self.amount)
 
 
 def parse_gate(text: str) -> Gate:
     """A gate from its text; a malformed gate is one clear error with examples."""
     match = _GATE.match(text)
     if not match:
-        raise TunesmithError(f"gate {text!r} is not `METRIC OP base [+-* NUMBER]` or `METRIC OP NUMBER`; "
+        raise TunesmithError(f"gate {text!r} is not `METRIC OP base|champion [+-* NUMBER]` or `METRIC OP NUMBER`; "
                              f"examples: {EXAMPLE}")
-    relative = match["base"] is not None
+    relative = match["reference"] is not None
     amount = float(match["amount"] or (1.0 if match["arith"] == "*" else 0.0)) if relative else float(match["value"])
-    return Gate(text=text.strip(), metric=match["metric"], op=match["op"], relative_to_base=relative,
+    return Gate(text=text.strip(), metric=match["metric"], op=match["op"], reference=match["reference"],
                 arith=match["arith"], amount=amount)
 
 
-def check_gates(gates: list[Gate], results: dict[str, dict], base_label: str | None) -> list[dict]:
-    """Each gate against every model but the base: pass/fail, the threshold and the margin (value - threshold)."""
+def check_gates(gates: list[Gate], results: dict[str, dict], references: dict[str, str]) -> list[dict]:
+    """Each gate against every model but the references (`{"base": label, "champion": label}` for those evaluated):
+    pass/fail, the threshold and the margin (value - threshold)."""
     outcomes = []
     for gate in gates:
+        if gate.reference and gate.reference not in references:
+            raise TunesmithError(f"gate {gate.text!r} compares with the {gate.reference} model, which was not evaluated"
+                                 + (" (set evaluate.compare_base=true or use an absolute threshold)"
+                                    if gate.reference == "base" else " (only `tunesmith promote` has a champion)"))
         for label, scores in results.items():
-            if label == base_label:
+            if label in references.values():
                 continue
             if gate.metric not in scores:
                 known = ", ".join(sorted(k for k, v in scores.items() if isinstance(v, (int, float))))
                 raise TunesmithError(f"gate {gate.text!r}: no metric {gate.metric!r} in the report; known: {known}")
-            base_value = results[base_label][gate.metric] if base_label in results else None
             value = scores[gate.metric]
-            limit = gate.threshold(base_value)
+            limit = gate.threshold(results[references[gate.reference]][gate.metric] if gate.reference else 0.0)
             outcomes.append({"gate": gate.text, "model": label, "metric": gate.metric, "value": value,
                              "threshold": limit, "margin": value - limit,
                              "passed": bool(COMPARISONS[gate.op](value, limit))})

@@ -17,7 +17,7 @@ from tunesmith.config import EvaluateConfig, RunConfig
 from tunesmith.data.template import end_of_turn_token_ids, template_fingerprint, tokenize_example
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.compare import compare_models, largest_differences, mean_interval
-from tunesmith.evaluate.contenders import BASE, load_contenders, switched_to
+from tunesmith.evaluate.contenders import BASE, CHAMPION, load_contenders, switched_to
 from tunesmith.evaluate.custom_metrics import load_custom_metrics, load_json_schema
 from tunesmith.evaluate.examples import evaluation_examples
 from tunesmith.evaluate.gates import check_gates, parse_gate
@@ -28,33 +28,39 @@ from tunesmith.evaluate.metrics import corpus_scores, score_examples
 from tunesmith.evaluate.overfitting import overfitting_check
 from tunesmith.evaluate.report import html_report, markdown_report
 from tunesmith.models import load_tokenizer
-from tunesmith.registry.run_dir import read_manifest, staged_dir, trained_weights_dir, update_manifest, write_json_atomic
+from tunesmith.records import EvaluationReport
+from tunesmith.registry.run import Run
+from tunesmith.registry.run_dir import staged_dir, write_json_atomic
 
 EVAL_DIR = "eval"
 
 
-def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), gates: list[str] = ()) -> dict:
-    """Score every model, compare each with the base (paired bootstrap), check gates, and write the report."""
+def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), gates: list[str] = (),
+                 champion: Path | None = None) -> dict:
+    """Score every model, compare each with the base (paired bootstrap), check gates, and write the report.
+
+    `champion`: a run the gates may compare with (`exact_match >= champion + 0.02`), as a promotion does."""
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
+    run = Run.open(run_dir)
     settings = config.evaluate
     gate_rules = [parse_gate(text) for text in [*settings.gates, *gates]]
     check_settings(settings)
     if not settings.compare_base and any(rule.relative_to_base for rule in gate_rules):
         raise TunesmithError("a gate compares with the base model, but evaluate.compare_base is false; "
                              "set it to true or use absolute thresholds such as `exact_match >= 0.8`")
-    weights_dir = trained_weights_dir(run_dir, manifest)
-    tokenizer = load_tokenizer(weights_dir)  # the exact tokenizer and chat template used in training
-    if template_fingerprint(tokenizer) != manifest["data"]["chat_template_sha"]:
-        raise TunesmithError(f"{weights_dir}: chat template differs from the one the data was prepared with")
-    examples = evaluation_examples(run_dir, manifest)[: settings.max_examples]
+    if champion is None and any(rule.reference == "champion" for rule in gate_rules):
+        raise TunesmithError("a gate compares with the champion, which only `tunesmith promote` evaluates; "
+                             "use `base` or an absolute threshold here")
+    tokenizer = load_tokenizer(run.weights_dir)  # the exact tokenizer and chat template used in training
+    run.check_template(tokenizer, whose=f"the trained model in {run.weights_dir}")
+    examples = evaluation_examples(run)[: settings.max_examples]
     if not examples:
         raise TunesmithError(f"{run_dir}: the validation split is empty; raise data.validation_fraction or give data.validation")
     references = [e.reference() for e in examples]
     tokenized = [tokenize_example(tokenizer, e.message_dicts(), config.data.max_length, e.tools)
                  for e in examples]
     stop_ids = end_of_turn_token_ids(tokenizer)
-    model, contenders = load_contenders(run_dir, manifest, tokenizer, list(candidates), settings.compare_base)
+    model, contenders = load_contenders(run, tokenizer, list(candidates), settings.compare_base, champion)
     harness_manager = None
     if settings.harness.tasks:
         from tunesmith.evaluate.harness import harness_task_manager
@@ -91,8 +97,8 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
             outputs[contender.label] = answers
 
     report = {
-        "run": manifest["name"], "base_model": manifest["base_model"], "examples": len(examples),
-        "data_hash": manifest["data"]["dataset_hash"],
+        "run": run.name, "base_model": run.manifest.base_model.model_dump(), "examples": len(examples),
+        "data_hash": run.manifest.data.dataset_hash,
         "models": {c.label: {"adapter": c.adapter_name is not None, "full_fine_tune": c.model is not None,
                              "run_dir": str(c.run_dir) if c.run_dir else None}
                    for c in contenders},
@@ -105,15 +111,17 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
                       for label, scores in per_example.items()},
         "confidence": settings.confidence,
         "comparisons": _comparisons(per_example, general, settings),
-        "overfitting": overfitting_check(manifest.get("train", {}), settings.overfit_tolerance),
+        "overfitting": overfitting_check(run.trained.model_dump(mode="json"), settings.overfit_tolerance),
     }
     if settings.judge.base_url:
         report["judge"] = _judge(settings, examples, references, outputs, per_example, report["results"])
-    report["gates"] = check_gates(gate_rules, report["results"], BASE if BASE in results else None)
+    references = {name: label for name, label in (("base", BASE), ("champion", CHAMPION)) if label in results}
+    report["gates"] = check_gates(gate_rules, report["results"], references)
     report["passed"] = all(outcome["passed"] for outcome in report["gates"])
+    EvaluationReport.model_validate(report)  # the contract later stages read; a failure here is our bug
     _write(run_dir, report, examples, references, outputs, per_example, general)
-    update_manifest(run_dir, "evaluate", {"report": f"{EVAL_DIR}/report.json", "results": report["results"],
-                                          "gates": report["gates"], "passed": report["passed"]})
+    run.record("evaluate", {"report": f"{EVAL_DIR}/report.json", "results": report["results"],
+                            "gates": report["gates"], "passed": report["passed"]})
     return report
 
 

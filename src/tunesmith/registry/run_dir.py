@@ -53,50 +53,33 @@ def read_json(path: Path) -> dict:
         raise TunesmithError(f"{path}:{exc.lineno}: damaged JSON ({exc.msg}); re-run the stage that wrote it") from None
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` to disk, so a rename never publishes half-written content."""
+    for path in [*folder.rglob("*"), folder]:
+        if path.is_symlink():
+            continue
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
 @contextmanager
 def staged_dir(final: Path):
-    """Yield a temporary folder next to `final`; on success it replaces `final`, on error it vanishes."""
+    """Yield a temporary folder next to `final`; on success it is fsynced and replaces `final`, on error it vanishes."""
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         apply_umask(staging, directory=True)
         yield staging
+        fsync_tree(staging)
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def trained_weights_dir(run_dir: Path, manifest: dict) -> Path:
-    """Where a trained run keeps what it learned: its adapter folder, or its full model for full fine-tuning."""
-    trained = manifest.get("train")
-    if not trained:
-        raise TunesmithError(f"{run_dir} has not been trained yet; run `tunesmith train {run_dir}` first")
-    return Path(run_dir) / (trained.get("adapter_dir") or trained["model_dir"])
-
-
-def is_full_fine_tune(manifest: dict) -> bool:
-    """True when the run trained every weight (a model folder) rather than an adapter."""
-    return not manifest["train"].get("adapter_dir")
-
-
-def read_manifest(run_dir: Path) -> dict:
-    run_dir = Path(run_dir)
-    if not (run_dir / MANIFEST).is_file():
-        raise TunesmithError(f"{run_dir} is not a tunesmith run directory (no {MANIFEST}); run `tunesmith prepare CONFIG` first")
-    return read_json(run_dir / MANIFEST)
-
-
-def update_manifest(run_dir: Path, section: str, data: dict) -> dict:
-    """Set one stage's section of the run manifest (atomic rewrite)."""
-    path = Path(run_dir) / MANIFEST
-    manifest = read_json(path) if path.is_file() else {}
-    manifest[section] = data
-    manifest.setdefault("environment", environment())
-    write_json_atomic(path, manifest)
-    return manifest
 
 
 def environment() -> dict:

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from tunesmith.data.template import end_of_turn_token_ids, generation_prompt_ids, template_fingerprint
+from tunesmith.data.template import end_of_turn_token_ids, generation_prompt_ids
 from tunesmith.errors import TunesmithError
 from tunesmith.models import DEFAULT_MODEL_NAME, answering_as, load_model, load_tokenizer, load_with_adapter
-from tunesmith.registry.run_dir import is_full_fine_tune, read_manifest, trained_weights_dir
+from tunesmith.registry.run import Run
 from tunesmith.serve.protocol import ChatCompletionRequest
 
 ADAPTER_NAME = "adapter"  # the name `load_with_adapter` registers the LoRA weights under
@@ -81,26 +81,23 @@ class ServingEngine:
         import torch
 
         run_dir = Path(run_dir)
-        manifest = read_manifest(run_dir)
-        base_source = manifest["base_model"]["source"]
-        trained = manifest.get("train")
-        weights_dir = trained_weights_dir(run_dir, manifest) if trained else None
-        full = bool(trained) and is_full_fine_tune(manifest)
+        run = Run.open(run_dir)
+        base_source, trained = run.base_source, run.is_trained
+        weights_dir = run.weights_dir if trained else None
+        full = trained and run.is_full_fine_tune
         marker = "config.json" if full else "adapter_config.json"
         if weights_dir is not None and not (weights_dir / marker).is_file():
             raise TunesmithError(f"{weights_dir}: no {marker}; re-run `tunesmith train` for this run")
         # The trained folder holds the tokenizer training used, so the template is exactly the trained one.
         tokenizer = load_tokenizer(weights_dir or base_source)
-        if template_fingerprint(tokenizer) != manifest.get("data", {}).get("chat_template_sha"):
-            raise TunesmithError(f"{run_dir}: the chat template differs from the one the data was prepared with; "
-                                 "re-run `tunesmith prepare` and `tunesmith train`")
+        run.check_template(tokenizer, whose=f"the model in {weights_dir or base_source}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         adapter = weights_dir is not None and not full
         model = load_with_adapter(base_source, weights_dir) if adapter else load_model(base_source)
         model.to(device)
         tuned_model = load_model(weights_dir).to(device) if full else None
-        base_name = served_base_name(manifest["base_model"]["name"])
-        adapter_name = manifest["name"] if trained else None
+        base_name = served_base_name(run.manifest.base_model.name)
+        adapter_name = run.name if trained else None
         if adapter_name == base_name:
             base_name += "-base"
         return cls(model, tokenizer, base_name, adapter_name, default_max_tokens, tuned_model)

@@ -11,17 +11,17 @@ from pathlib import Path
 
 from tunesmith.config import RunConfig
 from tunesmith.data.prepare import read_preference_split
-from tunesmith.data.template import template_fingerprint
 from tunesmith.errors import TunesmithError
 from tunesmith.models import load_tokenizer
-from tunesmith.registry.run_dir import read_manifest, staged_dir, update_manifest
+from tunesmith.registry.run import Run
+from tunesmith.registry.run_dir import staged_dir
 from tunesmith.train.devices import pick_precision, set_cpu_threads
 from tunesmith.train.learning_rate import with_learning_rate
 from tunesmith.train.model_setup import build_training_model, trainable_parameter_counts
 from tunesmith.train.preference_data import ACCEPTED_KINDS, check_preference_kind, trl_rows
 from tunesmith.train.progress import RichProgressCallback
-from tunesmith.train.run_record import ADAPTER_DIR, FULL_MODEL_DIR, train_section
-from tunesmith.train.sft import parent_run
+from tunesmith.train.run_record import (ADAPTER_DIR, FULL_MODEL_DIR, parent_of, record_trained, train_section,
+                                        weights_source)
 
 # TRL's evaluation metric -> the manifest's name for it (KTO logs no pairwise accuracy).
 PREFERENCE_METRICS = {
@@ -39,12 +39,11 @@ def train_preference(run_dir: Path, config: RunConfig) -> dict:
     run_dir, settings = Path(run_dir), config.train
     if settings.method not in ACCEPTED_KINDS:
         raise TunesmithError(f"train.method={settings.method} is not a preference method; choose {', '.join(ACCEPTED_KINDS)}")
-    manifest = read_manifest(run_dir)
-    check_preference_kind(run_dir, manifest, settings.method)
-    tokenizer = load_tokenizer(manifest["base_model"]["source"])
-    if template_fingerprint(tokenizer) != manifest["data"]["chat_template_sha"]:
-        raise TunesmithError(f"{run_dir}: the base model's chat template changed since `prepare`; re-run prepare")
-    parent = parent_run(settings, manifest)
+    run = Run.open(run_dir)
+    check_preference_kind(run, settings.method)
+    tokenizer = load_tokenizer(run.base_source)
+    run.check_template(tokenizer)
+    parent = parent_of(run, settings)
     precision = pick_precision(settings.precision)
     threads = set_cpu_threads(settings.threads)
     set_seed(config.seed)
@@ -52,8 +51,7 @@ def train_preference(run_dir: Path, config: RunConfig) -> dict:
     val_set = Dataset.from_list(trl_rows(read_preference_split(run_dir, "validation")))
 
     # A parent's adapter is trained further, and TRL keeps a frozen copy of it as the reference policy.
-    model_source = parent["model_path"] if parent and settings.adapter == "full" else manifest["base_model"]["source"]
-    parent_adapter = parent["adapter_path"] if parent and settings.adapter != "full" else None
+    model_source, parent_adapter = weights_source(run, parent, settings)
     model = build_training_model(model_source, settings, precision, parent_adapter)
     settings = with_learning_rate(settings, model.config)
     config = config.model_copy(update={"train": settings})
@@ -75,7 +73,7 @@ def train_preference(run_dir: Path, config: RunConfig) -> dict:
         shutil.rmtree(staging / "_trainer", ignore_errors=True)
     tokens = trainer.state.num_input_tokens_seen
     section = {
-        **train_section(config, settings, manifest, parent, precision, threads, (trainable, total)),
+        **train_section(config, settings, run, parent, precision, threads, (trainable, total)),
         "metrics": {
             "train_loss": round(result.training_loss, 4),
             "validation_loss": round(eval_metrics["eval_loss"], 4),
@@ -87,8 +85,7 @@ def train_preference(run_dir: Path, config: RunConfig) -> dict:
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
-    update_manifest(run_dir, "train", section)
-    return section
+    return record_trained(run, section)
 
 
 def _trainer_arguments(config: RunConfig, precision: str, output_dir: Path, use_cpu: bool):

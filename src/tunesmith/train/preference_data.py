@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tunesmith.errors import TunesmithError
+from tunesmith.registry.run import Run
 from tunesmith.types import PreferenceExample, UnpairedPreferenceExample
 
 PAIRED, UNPAIRED = "preference", "unpaired_preference"
@@ -12,13 +11,13 @@ PAIRED, UNPAIRED = "preference", "unpaired_preference"
 ACCEPTED_KINDS = {"dpo": (PAIRED,), "kto": (PAIRED, UNPAIRED)}
 
 
-def check_preference_kind(run_dir: Path, manifest: dict, method: str) -> str:
+def check_preference_kind(run: Run, method: str) -> str:
     """The run's data kind, checked against what `method` can train on."""
-    kind = manifest["data"].get("kind", "sft")
+    kind = run.data_kind
     accepted = ACCEPTED_KINDS[method]
     if kind not in accepted:
         raise TunesmithError(
-            f"{run_dir}: train.method={method} needs {' or '.join(accepted)} data, but this run was prepared from "
+            f"{run.directory}: train.method={method} needs {' or '.join(accepted)} data, but this run was prepared from "
             f"{kind} data; prepare prompt/chosen/rejected rows (TRL or OpenAI DPO format), or use train.method=sft"
         )
     return kind

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from tunesmith.config import RunConfig, TrainConfig
 from tunesmith.data.prepare import read_split
-from tunesmith.data.template import template_fingerprint, tokenize_example
+from tunesmith.data.template import tokenize_example
 from tunesmith.errors import TunesmithError
 from tunesmith.models import load_tokenizer
-from tunesmith.registry.run_dir import read_manifest, staged_dir, update_manifest
+from tunesmith.registry.run import Run
+from tunesmith.registry.run_dir import staged_dir
 from tunesmith.train.batches import StepPlan
 from tunesmith.train.checkpoints import CHECKPOINTS_DIR, newest_complete_checkpoint
 from tunesmith.train.devices import pick_precision, set_cpu_threads
@@ -24,7 +25,8 @@ from tunesmith.train.learning_rate import with_learning_rate
 from tunesmith.train.loop import SftLoop, trained_token_loss_module
 from tunesmith.train.model_setup import build_training_model, trainable_parameter_counts
 from tunesmith.train.progress import LoopProgressBar
-from tunesmith.train.run_record import ADAPTER_DIR, FULL_MODEL_DIR, train_section
+from tunesmith.train.run_record import (ADAPTER_DIR, FULL_MODEL_DIR, parent_of, record_trained, train_section,
+                                        weights_source)
 
 
 def train_sft(run_dir: Path, config: RunConfig, resume: bool = False) -> dict:
@@ -33,14 +35,13 @@ def train_sft(run_dir: Path, config: RunConfig, resume: bool = False) -> dict:
     from transformers import get_scheduler
 
     run_dir, settings = Path(run_dir), config.train
-    manifest = read_manifest(run_dir)
+    run = Run.open(run_dir)
     resumed_from = _resume_point(run_dir, resume)
     if resumed_from:
         settings = _settings_of(resumed_from, settings)
-    tokenizer = load_tokenizer(manifest["base_model"]["source"])
-    if template_fingerprint(tokenizer) != manifest["data"]["chat_template_sha"]:
-        raise TunesmithError(f"{run_dir}: the base model's chat template changed since `prepare`; re-run prepare")
-    parent = parent_run(settings, manifest)
+    tokenizer = load_tokenizer(run.base_source)
+    run.check_template(tokenizer)
+    parent = parent_of(run, settings)
     precision = pick_precision(settings.precision)
     accelerator = make_accelerator(settings, precision)
     threads = set_cpu_threads(default_threads(settings.threads))
@@ -48,8 +49,7 @@ def train_sft(run_dir: Path, config: RunConfig, resume: bool = False) -> dict:
     validation_examples = _tokenized(tokenizer, read_split(run_dir, "validation"), config.data.max_length)
 
     torch.manual_seed(config.seed)  # adapter initialisation
-    model_source = parent["model_path"] if parent and settings.adapter == "full" else manifest["base_model"]["source"]
-    parent_adapter = parent["adapter_path"] if parent and settings.adapter != "full" else None
+    model_source, parent_adapter = weights_source(run, parent, settings)
     model = build_training_model(model_source, settings, precision, parent_adapter)
     settings = with_learning_rate(settings, model.config)
     trainable, total = trainable_parameter_counts(model)
@@ -79,7 +79,7 @@ def train_sft(run_dir: Path, config: RunConfig, resume: bool = False) -> dict:
 
     unwrapped = loop.inner_model
     section = {
-        **train_section(config, settings, manifest, parent, precision, threads, (trainable, total)),
+        **train_section(config, settings, run, parent, precision, threads, (trainable, total)),
         "resumed_from": resumed_from and str(resumed_from.relative_to(run_dir)),
         "processes": accelerator.num_processes,
         "metrics": _metrics(progress),
@@ -93,31 +93,8 @@ def train_sft(run_dir: Path, config: RunConfig, resume: bool = False) -> dict:
     full_state = accelerator.get_state_dict(loop.module) if settings.adapter == "full" else None
     if accelerator.is_main_process:
         _save_trained(run_dir, unwrapped, tokenizer, settings, full_state)
-        update_manifest(run_dir, "train", section)
+        record_trained(run, section)
     return section
-
-
-def parent_run(settings: TrainConfig, manifest: dict) -> dict | None:
-    """The earlier run this one continues from (`train.init_from`), checked to share the base model and method."""
-    if settings.init_from is None:
-        return None
-    parent_dir = Path(settings.init_from)
-    parent_manifest = read_manifest(parent_dir)
-    trained = parent_manifest.get("train")
-    if not trained:
-        raise TunesmithError(f"train.init_from: {parent_dir} has not been trained yet; run `tunesmith train {parent_dir}`")
-    if parent_manifest["base_model"]["source"] != manifest["base_model"]["source"]:
-        raise TunesmithError(f"train.init_from: {parent_dir} was trained on {parent_manifest['base_model']['source']}, "
-                             f"this run uses {manifest['base_model']['source']}; continue only from the same base")
-    parent_full = trained.get("adapter") == "full"
-    if parent_full != (settings.adapter == "full"):
-        raise TunesmithError(f"train.init_from: {parent_dir} trained {'all weights' if parent_full else 'an adapter'}; "
-                             f"set train.adapter={'full' if parent_full else trained.get('adapter', 'lora')} to continue it")
-    record = {"run_dir": str(parent_dir.resolve()), "name": parent_manifest.get("name"),
-              "method": trained.get("method"), "data_hash": trained.get("data_hash")}
-    if parent_full:
-        return {**record, "model_path": parent_dir / trained["model_dir"]}
-    return {**record, "adapter_path": parent_dir / trained["adapter_dir"]}
 
 
 def _tokenized(tokenizer, examples, max_length: int):

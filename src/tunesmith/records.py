@@ -1,0 +1,210 @@
+"""The run contract: typed records of what each stage writes into a run directory (`manifest.json`,
+`eval/report.json`). Stages read them through `registry.run.Run`, never as raw dicts. stdlib + pydantic only.
+
+Sections keep keys they do not name (`extra="allow"`), so a report written by a newer tunesmith still loads;
+the fields named here are the ones other stages rely on, and they are checked on every read.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_VERSION = 2
+"""1: the layout before typed records (no `version` key; same sections). 2: adds `version`, the trained
+weights' hash and the base model's weights hash."""
+REPORT_VERSION = 1
+
+DataKind = Literal["sft", "preference", "unpaired_preference"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class BaseModelRef(_Record):
+    name: str
+    """As the config named it: `default`, a folder, or a Hub id."""
+    source: str
+    """What `from_pretrained` loaded: the resolved folder or Hub id."""
+
+
+class CurvePoint(_Record):
+    step: int
+    loss: float
+
+
+class DataSection(_Record):
+    kind: DataKind = "sft"
+    train_file: str = "data/train.jsonl"
+    validation_file: str = "data/validation.jsonl"
+    card: str = "data/card.md"
+    dropped_file: str | None = None
+    rows: dict[str, int]
+    accounting: dict = Field(default_factory=dict)
+    """Rows read, kept, dropped (by reason) and flagged."""
+    tokens: dict = Field(default_factory=dict)
+    """Token statistics per split (see the data card)."""
+    dataset_hash: str
+    """Content version of the data: the same rows give the same hash, whatever their order or file names."""
+    train_hash: str | None = None
+    validation_hash: str | None = None
+    chat_template_sha: str
+    """Fingerprint of the chat template the data was checked with; training, evaluation and serving must match it."""
+
+
+class ParentRef(_Record):
+    """The earlier run a run continued from (`train.init_from`)."""
+
+    run_dir: str
+    name: str | None = None
+    method: str | None = None
+    data_hash: str | None = None
+
+
+class TrainSection(_Record):
+    method: str
+    adapter: str
+    adapter_dir: str | None = None
+    model_dir: str | None = None
+    parent: ParentRef | None = None
+    data_hash: str
+    base_model: BaseModelRef
+    config: dict
+    precision: str | None = None
+    metrics: dict[str, float | int | None] = Field(default_factory=dict)
+    loss_curve: list[CurvePoint] = Field(default_factory=list)
+    validation_curve: list[CurvePoint] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    wall_time_s: float | None = None
+    weights_sha256: str | None = None
+    """Hash of the trained files (see `registry.hashing.folder_sha256`); absent in runs trained before version 2."""
+
+    @property
+    def weights_subdir(self) -> str:
+        return self.adapter_dir or self.model_dir
+
+    @property
+    def full_fine_tune(self) -> bool:
+        return not self.adapter_dir
+
+
+class GateOutcome(_Record):
+    gate: str
+    model: str
+    metric: str
+    value: float
+    threshold: float
+    margin: float
+    passed: bool
+
+
+class EvaluateSection(_Record):
+    report: str
+    results: dict[str, dict[str, float]]
+    gates: list[GateOutcome] = Field(default_factory=list)
+    passed: bool = True
+
+
+class Manifest(_Record):
+    """`manifest.json`: one section per stage that ran, plus what the run was made from."""
+
+    version: int = 1
+    name: str
+    base_model: BaseModelRef
+    data: DataSection
+    train: TrainSection | None = None
+    evaluate: EvaluateSection | None = None
+    environment: dict = Field(default_factory=dict)
+    tracking: dict | None = None
+    """The MLflow run this run was logged to: {uri, run_id, weights_sha256}."""
+
+
+class EvaluationReport(_Record):
+    """`eval/report.json`: every model's scores on the same held-out examples, compared with the base."""
+
+    version: int = REPORT_VERSION
+    run: str
+    base_model: BaseModelRef
+    examples: int
+    data_hash: str
+    models: dict[str, dict]
+    generation: dict
+    results: dict[str, dict[str, float]]
+    intervals: dict[str, dict[str, list[float]]] = Field(default_factory=dict)
+    confidence: float = 0.95
+    comparisons: dict[str, dict] = Field(default_factory=dict)
+    overfitting: dict = Field(default_factory=dict)
+    gates: list[GateOutcome] = Field(default_factory=list)
+    passed: bool = True
+
+
+LINEAGE_VERSION = 1
+
+
+class CodeVersion(_Record):
+    tunesmith: str | None = None
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+
+
+class Lineage(_Record):
+    """Where a registered version came from: data, base model, config, code, parent, evaluation."""
+
+    version: int = LINEAGE_VERSION
+    model: str
+    run_name: str
+    content_id: str
+    """sha256 of the trained weights' hash, the training config and the data hash: the version's identity."""
+    weights_sha256: str
+    files_sha256: str
+    """Hash of every file in the registered run snapshot (see `registry.hashing.folder_manifest`)."""
+    data: dict
+    base_model: dict
+    """name, source, and the sha256 of its weight files when it is a local folder."""
+    config: dict
+    train: dict
+    code: CodeVersion
+    environment: dict = Field(default_factory=dict)
+    parent: dict | None = None
+    """The parent run (`train.init_from`) and, when it was registered, its version."""
+    evaluation: dict | None = None
+    """Results against the base with intervals and gates, from the run's evaluation report."""
+    registered_at: str
+
+
+class ExportRecord(_Record):
+    format: str
+    dtype: str | None = None
+    path: str
+    files: dict[str, str]
+    """File name -> sha256."""
+    bytes: int
+    seconds: float
+    checks: dict = Field(default_factory=dict)
+    """Agreement with base + adapter (or with the merged model), largest logit difference, perplexity change."""
+    created_at: str
+
+
+class AliasMove(_Record):
+    model: str
+    alias: str
+    kind: Literal["promote", "rollback", "set"]
+    from_version: str | None = None
+    to_version: str
+    when: str
+    why: str
+    evidence: dict = Field(default_factory=dict)
+
+
+class VersionInfo(_Record):
+    """A registered version as `tunesmith registry show` prints it."""
+
+    model: str
+    version: str
+    aliases: list[str] = Field(default_factory=list)
+    mlflow_run_id: str | None = None
+    source: str
+    lineage: Lineage
+    exports: list[ExportRecord] = Field(default_factory=list)

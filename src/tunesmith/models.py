@@ -126,6 +126,17 @@ def load_model(source: Path | str, dtype=None):
     return model
 
 
+def load_gguf_model(path: Path, dtype=None):
+    """A GGUF file dequantized into a transformers model (to check an export answers like its source)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32)
+    model.eval()
+    return model
+
+
 def load_with_adapter(base: Path | str, adapter_dir: Path | str, dtype=None):
     """The base model with a saved LoRA adapter attached under the name `adapter` (not merged)."""
     from peft import PeftModel

@@ -15,8 +15,13 @@ app = typer.Typer(
 )
 
 from tunesmith.cli.data_commands import data_app  # noqa: E402 (only typer; data libraries load inside commands)
+from tunesmith.cli.registry_commands import promote, register, registry_app, rollback  # noqa: E402
 
 app.add_typer(data_app, name="data")
+app.add_typer(registry_app, name="registry")
+app.command()(register)
+app.command()(promote)
+app.command()(rollback)
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config (see `tunesmith options` for every key).")]
 RunDirArg = Annotated[Path, typer.Argument(help="Run directory written by `tunesmith prepare` or `run`.")]
@@ -41,6 +46,31 @@ def run(config: ConfigArg, overrides: Overrides = None, overwrite: Overwrite = F
     output.artifacts(run_dir)
     if not report["passed"]:  # a gate in the config failed
         raise typer.Exit(1)
+    _track_and_register(run_dir, settings)
+
+
+def _track_and_register(run_dir: Path, settings) -> None:
+    """What the config's `registry` section asks for after a run: MLflow tracking, a version, a promotion."""
+    registry = settings.registry
+    if not registry.name:
+        if registry.track:
+            _track(run_dir)
+        return
+    from rich.markup import escape
+
+    from tunesmith.cli.output import console
+    from tunesmith.registry.register import register_run
+    from tunesmith.registry.store import Registry
+
+    store = Registry()
+    info, created = register_run(store, run_dir, registry.name)
+    console.print(f"[bold green]{'registered' if created else 'already registered as'}[/] {info.model}@{info.version}"
+                  f" ({escape(store.uri)})", highlight=False)
+    if registry.promote_to:
+        from tunesmith.cli.promotion import promote_version
+
+        if not promote_version(f"{info.model}@{info.version}", registry.promote_to, [], "registry.promote_to"):
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -84,6 +114,8 @@ def train(
         raise typer.Exit(143 if stop.signal_name == "SIGTERM" else 130) from None
     if is_main_process():
         output.trained(run_dir, section)
+        if load_run_config(run_dir).registry.track:
+            _track(run_dir)
 
 
 def _train_stage(run_dir: Path, settings, resume: bool = False) -> dict:
@@ -114,15 +146,58 @@ def evaluate(
     from tunesmith.config import load_run_config
     from tunesmith.evaluate.run import evaluate_run
 
-    report = evaluate_run(run_dir, load_run_config(run_dir, overrides or []), candidate or [], gate or [])
+    settings = load_run_config(run_dir, overrides or [])
+    report = evaluate_run(run_dir, settings, candidate or [], gate or [])
     output.evaluated(run_dir, report)
+    if settings.registry.track:
+        _track(run_dir)
     if not report["passed"]:
         raise typer.Exit(1)
 
 
+def _track(run_dir: Path) -> None:
+    """Log the run's params, loss curves and metrics to MLflow (`registry.track`)."""
+    from rich.markup import escape
+
+    from tunesmith.cli.output import console
+    from tunesmith.registry.run import Run
+    from tunesmith.registry.store import Registry
+    from tunesmith.registry.tracking import track_run
+
+    store = Registry()
+    run_id = track_run(store, Run.open(run_dir))
+    console.print(f"[bold green]tracked[/] in MLflow run {run_id} ({escape(store.uri)})", highlight=False)
+
+
+def _run_dir_of(target: str) -> Path:
+    """A run directory as given, or the verified local copy of a registered version (NAME@VERSION, NAME@ALIAS)."""
+    if Path(target).exists() or "@" not in target:
+        return Path(target)
+    from tunesmith.registry.store import Registry
+
+    registry = Registry()
+    return registry.local_copy(*registry.resolve(target))
+
+
+@app.command()
+def export(
+    reference: Annotated[str, typer.Argument(help="NAME@VERSION or NAME@ALIAS of a registered version.")],
+    format: Annotated[str, typer.Option("--format", help="merged (HF safetensors), gguf, or ollama (GGUF + Modelfile).")],
+    dtype: Annotated[Optional[str], typer.Option(help="merged: fp32 (default), bf16, fp16; GGUF: f16 (default), bf16, "
+                                                      "f32, q8_0, q4_0.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: exports/NAME-vVERSION-FORMAT-DTYPE).")] = None,
+    check_examples: Annotated[int, typer.Option(help="Held-out prompts the export must answer like its source.")] = 50,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length compared per prompt.")] = 64,
+) -> None:
+    """Export a registered version; it is checked to answer like base + adapter before it is kept and recorded."""
+    from tunesmith.cli.export_command import export_version
+
+    export_version(reference, format, dtype, out, check_examples, max_new_tokens)
+
+
 @app.command()
 def serve(
-    run_dir: RunDirArg,
+    run_dir: Annotated[str, typer.Argument(help="Run directory, or a registered version (NAME@VERSION, NAME@ALIAS).")],
     host: Annotated[Optional[str], typer.Option(help="Listen address (default: serve.host).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (default: serve.port).")] = None,
 ) -> None:
@@ -130,6 +205,7 @@ def serve(
     from tunesmith.config import load_run_config
     from tunesmith.serve.app import run_server
 
+    run_dir = _run_dir_of(run_dir)
     settings = load_run_config(run_dir).serve
     run_server(run_dir, host or settings.host, port or settings.port, settings.max_new_tokens)
 

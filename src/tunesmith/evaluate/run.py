@@ -115,8 +115,8 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
     }
     if settings.judge.base_url:
         report["judge"] = _judge(settings, examples, references, outputs, per_example, report["results"])
-    references = {name: label for name, label in (("base", BASE), ("champion", CHAMPION)) if label in results}
-    report["gates"] = check_gates(gate_rules, report["results"], references)
+    reference_models = {name: label for name, label in (("base", BASE), ("champion", CHAMPION)) if label in results}
+    report["gates"] = check_gates(gate_rules, report["results"], reference_models)
     report["passed"] = all(outcome["passed"] for outcome in report["gates"])
     EvaluationReport.model_validate(report)  # the contract later stages read; a failure here is our bug
     _write(run_dir, report, examples, references, outputs, per_example, general)

@@ -1,0 +1,222 @@
+"""The registry on a local MLflow store: content-addressed versions, lineage, model cards, aliases with history,
+eval-gated promotion and rollback, and every bad input as one clear error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tunesmith.cli.main import app
+from tunesmith.errors import TunesmithError
+
+from conftest import order_rows, write_jsonl
+
+
+def make_trained_run(folder: Path, model_dir: Path, name: str, seed: int, steps: int) -> Path:
+    """Prepare, train and evaluate a tiny run (a few seconds)."""
+    from tunesmith.config import load_config
+    from tunesmith.data.prepare import prepare
+    from tunesmith.evaluate.run import evaluate_run
+    from tunesmith.train.sft import train_sft
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(folder / "orders.jsonl", order_rows(40))
+    config_path = folder / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "name": name, "base_model": str(model_dir), "output_dir": str(folder / "runs"), "seed": seed,
+        "data": {"train": str(data), "validation_fraction": 0.2, "max_length": 128},
+        "train": {"max_steps": steps, "batch_size": 4, "precision": "fp32", "threads": 1, "learning_rate": 0.01,
+                  "lora": {"r": 4, "alpha": 8}},
+        "evaluate": {"max_new_tokens": 8, "batch_size": 8, "json_output": True, "general_check": False,
+                     "bootstrap_samples": 50},
+    }), encoding="utf-8")
+    config = load_config(config_path)
+    run_dir = prepare(config)
+    train_sft(run_dir, config)
+    evaluate_run(run_dir, config)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("registry-runs")
+    return {"first": make_trained_run(folder, tiny_model_dir, "orders", seed=0, steps=2),
+            "second": make_trained_run(folder / "b", tiny_model_dir, "orders", seed=1, steps=6)}
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    from tunesmith.registry.store import Registry
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return Registry()
+
+
+def test_registering_twice_gives_the_same_immutable_version_with_full_lineage(store, runs):
+    from tunesmith.registry.register import register_run
+    from tunesmith.registry.run import Run
+
+    info, created = register_run(store, runs["first"], "orders")
+    again, created_again = register_run(store, runs["first"], "orders")
+    assert created and not created_again and (info.version, again.version) == ("1", "1")
+    lineage = info.lineage
+    run = Run.open(runs["first"])
+    assert lineage.data["dataset_hash"] == run.manifest.data.dataset_hash
+    assert lineage.weights_sha256 == run.trained.weights_sha256 and len(lineage.content_id) == 64
+    assert lineage.base_model["weights_sha256"] and lineage.base_model["source"] == run.base_source
+    assert lineage.config["train"]["max_steps"] == 2 and lineage.code.tunesmith
+    assert lineage.environment["libraries"]["transformers"]
+    assert set(lineage.evaluation["results"]) == {"base", "fine-tuned"}
+    assert "exact_match" in lineage.evaluation["comparisons"]["fine-tuned"]  # the difference with its interval
+    # The snapshot holds what serving and exports need, verified against the registered hashes.
+    copy = store.local_copy("orders", "1")
+    assert (copy / "adapter" / "adapter_model.safetensors").is_file() and (copy / "data" / "validation.jsonl").is_file()
+    assert Run.open(copy).trained.weights_sha256 == lineage.weights_sha256
+
+
+def test_the_model_card_is_a_valid_hugging_face_card(store, runs):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    from tunesmith.registry.register import card_text, register_run
+
+    info, _ = register_run(store, runs["first"], "orders")
+    card = ModelCard(card_text(store, "orders", info.version))
+    metadata = card.data.to_dict()
+    assert metadata["library_name"] == "peft" and "tunesmith" in metadata["tags"]
+    assert metadata["base_model"] == Path(info.lineage.base_model["name"]).name
+    name, results = model_index_to_eval_results(metadata["model-index"])
+    assert name == "orders-v1" and {r.metric_type for r in results} >= {"exact_match", "json_valid"}
+    for section in ("## Intended use", "## Training data", "## Training procedure", "## Evaluation against the base",
+                    "## Forgetting check", "## Limitations", "## Hardware and time", "## Lineage"):
+        assert section in card.text
+
+
+def test_promotion_is_gated_on_the_champion_recorded_and_rolled_back(store, runs, monkeypatch):
+    from tunesmith.registry.register import register_run
+
+    register_run(store, runs["first"], "orders")
+    second, _ = register_run(store, runs["second"], "orders")
+    assert second.version == "2"
+    cli = CliRunner()
+    first_promotion = cli.invoke(app, ["promote", "orders@1", "--to", "production",
+                                       "--gate", "exact_match >= champion + 0.5"])
+    assert first_promotion.exit_code == 0, first_promotion.output
+    assert "skipping exact_match >= champion + 0.5" in first_promotion.output  # nobody to beat yet
+
+    refused = cli.invoke(app, ["promote", "orders@2", "--to", "production", "--gate", "exact_match >= champion + 2"])
+    assert refused.exit_code == 1 and "FAILED" in refused.output and "not promoted" in refused.output
+    assert store.resolve("models:/orders@production") == ("orders", "1")
+
+    # The same pair with the same settings: the stored evaluation is reused, not run again.
+    import tunesmith.evaluate.run as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "evaluate_run", lambda *a, **k: pytest.fail("evaluated again"))
+    passed = cli.invoke(app, ["promote", "orders@2", "--to", "production", "--gate", "stop_rate >= 0",
+                              "--why", "better on held-out"])
+    assert passed.exit_code == 0, passed.output
+    assert "reusing the stored evaluation" in passed.output
+    assert store.resolve("orders@production") == ("orders", "2")
+
+    rolled = cli.invoke(app, ["rollback", "orders"])
+    assert rolled.exit_code == 0 and "2 -> 1" in rolled.output
+    assert store.resolve("orders@production") == ("orders", "1")
+    moves = store.history("orders")
+    assert [(m.kind, m.from_version, m.to_version) for m in moves] == [
+        ("promote", None, "1"), ("promote", "1", "2"), ("rollback", "2", "1")]
+    assert moves[1].why == "better on held-out" and moves[1].evidence["gates"][0]["passed"]
+    assert "champion" in moves[1].evidence["results"]
+    again = cli.invoke(app, ["rollback", "orders"])
+    assert again.exit_code != 0 and "no earlier holder" in str(again.exception)
+    shown = cli.invoke(app, ["registry", "history", "orders", "--json"])
+    assert len(json.loads(shown.output)) == 3
+
+
+def test_registry_show_and_list_print_lineage(store, runs):
+    from tunesmith.registry.register import register_run
+
+    register_run(store, runs["first"], "orders")
+    cli = CliRunner()
+    shown = cli.invoke(app, ["registry", "show", "orders@1", "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["lineage"]["data"]["dataset_hash"]
+    table = cli.invoke(app, ["registry", "show", "orders"], env={"COLUMNS": "200"})
+    assert "content id" in table.output and "exact_match" in table.output
+    listed = cli.invoke(app, ["registry", "list", "--json"])
+    assert json.loads(listed.output)[0]["versions"][0]["version"] == "1"
+
+
+def test_a_failed_registration_leaves_nothing_registered(store, runs, monkeypatch):
+    from tunesmith.registry.register import register_run
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store.client, "log_text", broken)
+    with pytest.raises(TunesmithError, match="disk full"):
+        register_run(store, runs["first"], "orders")
+    monkeypatch.undo()
+    with pytest.raises(TunesmithError, match="no versions yet|no registered model"):
+        store.resolve("orders")
+    info, created = register_run(store, runs["first"], "orders")
+    assert created and info.version  # a clean retry registers it
+
+
+@pytest.mark.parametrize("reference, message", [
+    ("nothere@1", "no registered model 'nothere'"), ("orders@7", "has no version 7"),
+    ("orders@staging", "has no alias 'staging'"), ("or ders", "is not a model reference"),
+])
+def test_unknown_versions_and_aliases_are_one_clear_error(store, runs, reference, message):
+    from tunesmith.registry.register import register_run
+
+    register_run(store, runs["first"], "orders")
+    with pytest.raises(TunesmithError, match=message):
+        store.resolve(reference)
+
+
+def test_edited_weights_and_tampered_copies_are_refused(store, runs, tmp_path):
+    from tunesmith.registry.register import register_run
+
+    edited = tmp_path / "edited"
+    shutil.copytree(runs["first"], edited)
+    weights = edited / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(TunesmithError, match="changed after training"):
+        register_run(store, edited, "orders")
+    info, _ = register_run(store, runs["first"], "orders")
+    copy = store.local_copy("orders", info.version)
+    (copy / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(TunesmithError, match="do not match their registered hashes.*adapter_config.json"):
+        store.local_copy("orders", info.version)
+
+
+def test_an_untrained_run_cannot_be_registered(store, runs, tmp_path):
+    from tunesmith.registry.register import register_run
+    from tunesmith.registry.run_dir import read_json, write_json_atomic
+
+    untrained = tmp_path / "untrained"
+    shutil.copytree(runs["first"], untrained)
+    manifest = read_json(untrained / "manifest.json")
+    del manifest["train"]
+    write_json_atomic(untrained / "manifest.json", manifest)
+    result = CliRunner().invoke(app, ["register", str(untrained)])
+    assert result.exit_code != 0 and "has not been trained yet" in str(result.exception)
+
+
+def test_an_unreachable_mlflow_server_is_one_clear_error(monkeypatch):
+    import socket
+
+    from tunesmith.registry.store import Registry
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    with pytest.raises(TunesmithError, match="unreachable.*unset MLFLOW_TRACKING_URI"):
+        Registry()

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -95,6 +96,31 @@ def tiny_config(tmp_path, tiny_model_dir) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
+
+
+def make_trained_run(folder: Path, model_dir: Path, name: str, seed: int, steps: int) -> Path:
+    """Prepare, train and evaluate a tiny run (a few seconds)."""
+    from tunesmith.config import load_config
+    from tunesmith.data.prepare import prepare
+    from tunesmith.evaluate.run import evaluate_run
+    from tunesmith.train.sft import train_sft
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(folder / "orders.jsonl", order_rows(40))
+    config_path = folder / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "name": name, "base_model": str(model_dir), "output_dir": str(folder / "runs"), "seed": seed,
+        "data": {"train": str(data), "validation_fraction": 0.2, "max_length": 128},
+        "train": {"max_steps": steps, "batch_size": 4, "precision": "fp32", "threads": 1, "learning_rate": 0.01,
+                  "lora": {"r": 4, "alpha": 8}},
+        "evaluate": {"max_new_tokens": 8, "batch_size": 8, "json_output": True, "general_check": False,
+                     "bootstrap_samples": 50},
+    }), encoding="utf-8")
+    config = load_config(config_path)
+    run_dir = prepare(config)
+    train_sft(run_dir, config)
+    evaluate_run(run_dir, config)
+    return run_dir
 
 
 @contextmanager

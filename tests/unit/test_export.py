@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from tunesmith.cli.main import app
 from tunesmith.errors import TunesmithError
 
-from test_registry import make_trained_run
+from conftest import make_trained_run
 
 
 @pytest.fixture(scope="module")

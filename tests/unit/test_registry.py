@@ -8,38 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from tunesmith.cli.main import app
 from tunesmith.errors import TunesmithError
 
-from conftest import order_rows, write_jsonl
-
-
-def make_trained_run(folder: Path, model_dir: Path, name: str, seed: int, steps: int) -> Path:
-    """Prepare, train and evaluate a tiny run (a few seconds)."""
-    from tunesmith.config import load_config
-    from tunesmith.data.prepare import prepare
-    from tunesmith.evaluate.run import evaluate_run
-    from tunesmith.train.sft import train_sft
-
-    folder.mkdir(parents=True, exist_ok=True)
-    data = write_jsonl(folder / "orders.jsonl", order_rows(40))
-    config_path = folder / f"{name}.yaml"
-    config_path.write_text(yaml.safe_dump({
-        "name": name, "base_model": str(model_dir), "output_dir": str(folder / "runs"), "seed": seed,
-        "data": {"train": str(data), "validation_fraction": 0.2, "max_length": 128},
-        "train": {"max_steps": steps, "batch_size": 4, "precision": "fp32", "threads": 1, "learning_rate": 0.01,
-                  "lora": {"r": 4, "alpha": 8}},
-        "evaluate": {"max_new_tokens": 8, "batch_size": 8, "json_output": True, "general_check": False,
-                     "bootstrap_samples": 50},
-    }), encoding="utf-8")
-    config = load_config(config_path)
-    run_dir = prepare(config)
-    train_sft(run_dir, config)
-    evaluate_run(run_dir, config)
-    return run_dir
+from conftest import make_trained_run
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +171,6 @@ def test_edited_weights_and_tampered_copies_are_refused(store, runs, tmp_path):
 
 
 def test_an_untrained_run_cannot_be_registered(store, runs, tmp_path):
-    from tunesmith.registry.register import register_run
     from tunesmith.registry.run_dir import read_json, write_json_atomic
 
     untrained = tmp_path / "untrained"
@@ -220,3 +193,16 @@ def test_an_unreachable_mlflow_server_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     with pytest.raises(TunesmithError, match="unreachable.*unset MLFLOW_TRACKING_URI"):
         Registry()
+
+
+def test_a_run_config_registers_tracks_and_promotes_by_itself(store, tiny_config):
+    result = CliRunner().invoke(app, ["run", str(tiny_config), "evaluate.general_check=false",
+                                      "registry.name=orders", "registry.promote_to=production",
+                                      "registry.promote_if=[stop_rate >= 0]"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "registered orders@1" in result.output and "promoted orders@production: - -> 1" in result.output
+    info = store.version_info(*store.resolve("orders@production"))
+    run = store.client.get_run(info.mlflow_run_id)
+    assert run.data.params["train.max_steps"] == "4"  # the params, curves and metrics of that run
+    assert len(store.client.get_metric_history(run.info.run_id, "train_loss")) == 4
+    assert "eval.fine-tuned.exact_match" in run.data.metrics

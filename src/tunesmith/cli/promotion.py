@@ -14,6 +14,7 @@ from rich.markup import escape
 from tunesmith.cli.output import console
 from tunesmith.config import load_run_config
 from tunesmith.evaluate.gates import check_gates, describe_outcome, parse_gate
+from tunesmith.registry.run import EVAL_REPORT, Run
 from tunesmith.registry.store import CONTENT_TAG, Registry, check_alias
 
 EVIDENCE_DIR = "promotions"
@@ -58,6 +59,11 @@ def promote_version(reference: str, alias: str, extra_gates: list[str], why: str
 def _evidence(registry: Registry, name: str, version: str, champion: str | None, challenger_dir: Path, config) -> dict:
     """The evaluation of challenger vs champion (and base): reused when the same pair was evaluated with the same
     settings on the same held-out data, else run now and stored with the challenger's version."""
+    if champion is None and (challenger_dir / EVAL_REPORT).is_file():
+        report = Run.open(challenger_dir).evaluation_report()  # nobody to beat: the registered evaluation is the evidence
+        console.print(f"reusing the registered evaluation of {name}@{version}", highlight=False)
+        return {"champion": None, "examples": report.examples, "data_hash": report.data_hash, "results": report.results,
+                "artifact": f"run/{EVAL_REPORT}", "reused": True}
     with registry.errors():
         champion_content = champion and registry.client.get_model_version(name, champion).tags.get(CONTENT_TAG)
     settings = config.evaluate.model_dump(mode="json", exclude={"gates"})

@@ -98,7 +98,8 @@ def load_pair(model_dir: Path, gguf_path: Path):
     from transformers import AutoModelForCausalLM
 
     original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    loaded.eval()
     return original, loaded
 
 
@@ -170,8 +171,8 @@ def test_end_of_turn_ids_become_eos_and_eot(model_dirs, exported):
         types = fields["tokenizer.ggml.token_type"]
         assert types[tokenizer.convert_tokens_to_ids("<|im_start|>")] == 3  # control
     qwen = metadata(exported("qwen2", "f16")["path"])["fields"]
-    assert qwen["tokenizer.ggml.eot_token_id"] == AutoTokenizer.from_pretrained(model_dirs["qwen2"]).convert_tokens_to_ids(
-        "<|endoftext|>")
+    qwen_tokenizer = AutoTokenizer.from_pretrained(model_dirs["qwen2"])
+    assert qwen["tokenizer.ggml.eot_token_id"] == qwen_tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert qwen["tokenizer.ggml.tokens"][-1].startswith("[PAD") and qwen["tokenizer.ggml.token_type"][-1] == 5
 
 

@@ -206,3 +206,17 @@ def test_a_run_config_registers_tracks_and_promotes_by_itself(store, tiny_config
     assert run.data.params["train.max_steps"] == "4"  # the params, curves and metrics of that run
     assert len(store.client.get_metric_history(run.info.run_id, "train_loss")) == 4
     assert "eval.fine-tuned.exact_match" in run.data.metrics
+
+
+def test_serve_and_chat_take_a_registered_version_as_its_verified_copy(store, runs):
+    from tunesmith.cli.main import _run_dir_of
+    from tunesmith.registry.register import register_run
+    from tunesmith.registry.run import Run
+    from tunesmith.serve.engine import ServingEngine
+
+    info, _ = register_run(store, runs["first"], "orders")
+    store.move_alias("orders", "production", info.version, "set", "test", {})
+    run_dir = _run_dir_of("orders@production")
+    assert Run.open(run_dir).trained.weights_sha256 == info.lineage.weights_sha256
+    assert _run_dir_of(str(runs["first"])) == runs["first"]
+    assert ServingEngine.from_run_dir(run_dir, default_max_tokens=4).adapter_name == "orders"

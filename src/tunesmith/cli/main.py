@@ -212,13 +212,13 @@ def serve(
 
 @app.command()
 def chat(
-    run_dir: RunDirArg,
+    run_dir: Annotated[str, typer.Argument(help="Run directory, or a registered version (NAME@VERSION, NAME@ALIAS).")],
     model: Annotated[Optional[str], typer.Option(help="Served model name (default: the fine-tuned adapter).")] = None,
 ) -> None:
     """Talk to the fine-tuned model (or the base) in the terminal, with the training chat template."""
     from tunesmith.cli.chat import chat_loop
 
-    chat_loop(run_dir, model)
+    chat_loop(_run_dir_of(run_dir), model)
 
 
 @app.command()

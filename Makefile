@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install quickstart test options-doc
+.PHONY: install quickstart test options-doc llamacpp
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,3 +20,6 @@ test: install
 
 options-doc: install
 	$(VENV)/bin/tunesmith options --markdown > docs/config.md
+
+llamacpp: install  # optional: llama.cpp's Python binding, built from source, for bench/export.py
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[llamacpp]"

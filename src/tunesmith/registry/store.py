@@ -66,7 +66,7 @@ class Registry:
 
     def __init__(self, uri: str | None = None):
         self.uri = uri or tracking_uri()
-        self.local = self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri
+        self.local = not self.uri.startswith(("http://", "https://", "databricks"))  # artifacts kept in the home
         if self.local and self.uri.startswith("sqlite:///"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         else:

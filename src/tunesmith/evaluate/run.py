@@ -28,7 +28,7 @@ from tunesmith.evaluate.metrics import corpus_scores, score_examples
 from tunesmith.evaluate.overfitting import overfitting_check
 from tunesmith.evaluate.report import html_report, markdown_report
 from tunesmith.models import load_tokenizer
-from tunesmith.records import EvaluationReport
+from tunesmith.records import REPORT_VERSION, EvaluationReport
 from tunesmith.registry.run import Run
 from tunesmith.registry.run_dir import staged_dir, write_json_atomic
 
@@ -97,7 +97,8 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
             outputs[contender.label] = answers
 
     report = {
-        "run": run.name, "base_model": run.manifest.base_model.model_dump(), "examples": len(examples),
+        "version": REPORT_VERSION, "run": run.name, "base_model": run.manifest.base_model.model_dump(),
+        "examples": len(examples),
         "data_hash": run.manifest.data.dataset_hash,
         "models": {c.label: {"adapter": c.adapter_name is not None, "full_fine_tune": c.model is not None,
                              "run_dir": str(c.run_dir) if c.run_dir else None}

@@ -4,8 +4,9 @@ syntax, proven equal on sample conversations before it is written.
 The Go template is built from pieces read off the Jinja template by rendering conversations of sentinel
 strings: what each role's message is wrapped in, what starts the prompt, the generation prompt, and the
 default system prompt the template injects when a conversation has none. Templates that are not "each
-message wrapped the same way" (system text merged into the first user turn, content trimmed, role checks)
+message wrapped the same way" (system text merged into the first user turn, turns numbered, roles dropped)
 fail the equivalence check and raise instead of producing a Modelfile that prompts the model differently.
+The sample contents have no leading/trailing whitespace, so a Jinja `| trim` on content is not detected.
 """
 
 from __future__ import annotations

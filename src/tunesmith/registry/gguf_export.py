@@ -9,7 +9,6 @@ llama-quantize keeps that one tensor at higher precision (it picks q6_k, which g
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -21,7 +20,8 @@ from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 from tunesmith.registry.gguf_tokenizer import add_tokenizer
-from tunesmith.registry.run_dir import apply_umask
+from tunesmith.registry.hashing import file_sha256
+from tunesmith.registry.run_dir import apply_umask, fsync_path
 
 # Hugging Face model_type -> GGUF architecture. Mistral is llama to llama.cpp (same tensors, same rope permute).
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -281,30 +281,15 @@ def _write_atomic(writer, out_path: Path, plan, config, arch: str, rope_freqs, o
         os.fsync(handle.fileno())
         writer.close()
         apply_umask(tmp, directory=False)
-        digest = _sha256(tmp)
+        digest = file_sha256(tmp)
         os.replace(tmp, out_path)
-        _fsync_dir(out_path.parent)
+        fsync_path(out_path.parent)
         return digest
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _float32():

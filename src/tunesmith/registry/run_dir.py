@@ -53,16 +53,20 @@ def read_json(path: Path) -> dict:
         raise TunesmithError(f"{path}:{exc.lineno}: damaged JSON ({exc.msg}); re-run the stage that wrote it") from None
 
 
+def fsync_path(path: Path) -> None:
+    """Flush one file, or one folder's entries, to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def fsync_tree(folder: Path) -> None:
     """Flush every file and folder under `folder` to disk, so a rename never publishes half-written content."""
     for path in [*folder.rglob("*"), folder]:
-        if path.is_symlink():
-            continue
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        if not path.is_symlink():
+            fsync_path(path)
 
 
 @contextmanager

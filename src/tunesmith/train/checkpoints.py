@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tunesmith.registry.run_dir import apply_umask
+from tunesmith.registry.run_dir import apply_umask, fsync_path
 
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
@@ -58,14 +58,14 @@ def write_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, progr
         (staging / PROGRESS_FILE).write_text(json.dumps(progress, indent=1), encoding="utf-8")
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1), encoding="utf-8")
         for path in staging.iterdir():
-            _fsync_file(path)
+            fsync_path(path)
         (staging / COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
-        _fsync_file(staging / COMPLETE_MARKER)
-        _fsync_dir(staging)
+        fsync_path(staging / COMPLETE_MARKER)
+        fsync_path(staging)
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
-        _fsync_dir(folder)
+        fsync_path(folder)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -92,15 +92,3 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     for old in complete_checkpoints(run_dir)[:-max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
 
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

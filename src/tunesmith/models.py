@@ -138,12 +138,47 @@ def load_gguf_model(path: Path, dtype=None):
 
 
 def load_with_adapter(base: Path | str, adapter_dir: Path | str, dtype=None):
-    """The base model with a saved LoRA adapter attached under the name `adapter` (not merged)."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(load_model(base, dtype), str(adapter_dir), adapter_name="adapter")
+    """The base model with a saved LoRA adapter attached under the name `adapter` (not merged), refused unless
+    the adapter file holds every tensor its config promises."""
+    model = attach_adapter(load_model(base, dtype), Path(adapter_dir), "adapter")
     model.eval()
     return model
+
+
+def attach_adapter(model, adapter_dir: Path, name: str):
+    """`model` (a plain model or a PeftModel) with one more saved LoRA adapter under `name`, checked complete."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(adapter_dir), adapter_name=name)
+        else:
+            model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
+    except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise TunesmithError(f"{adapter_dir}: the adapter cannot be loaded ({first}); re-run `tunesmith train` "
+                             "or restore the folder") from None
+    check_adapter_complete(model, adapter_dir, name)
+    return model
+
+
+def check_adapter_complete(model, adapter_dir: Path, adapter_name: str) -> None:
+    """An adapter file missing some of its LoRA tensors loads with only a warning and silently answers like the
+    base; compare the tensors the config implies with the ones in the file."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        return  # a .bin adapter: peft checked it while loading
+    with safe_open(str(path), framework="pt") as handle:
+        present = set(handle.keys())
+    expected = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    missing = sorted(expected - present)
+    if missing:
+        raise TunesmithError(f"{path}: holds {len(expected) - len(missing)} of the {len(expected)} tensors its "
+                             f"adapter_config.json promises (missing {missing[0]}, ...); re-run `tunesmith train`")
 
 
 @contextmanager

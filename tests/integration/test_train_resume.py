@@ -59,7 +59,7 @@ def test_sigkill_and_sigterm_then_resume_repeat_the_uninterrupted_loss_curve(tin
     interrupted_dir = prepare(load_config(tiny_config, ["name=interrupted"]))
     nothing_yet = _start_training(interrupted_dir, "--resume")
     _, err = nothing_yet.communicate(timeout=120)
-    assert nothing_yet.returncode == 2 and "holds no complete checkpoint" in err and "Traceback" not in err
+    assert nothing_yet.returncode == 2 and "holds no intact checkpoint" in err and "Traceback" not in err
 
     killed = _start_training(interrupted_dir)
     _wait_for_checkpoint_after(interrupted_dir, 2, killed)

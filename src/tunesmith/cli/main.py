@@ -40,7 +40,7 @@ def run(config: ConfigArg, overrides: Overrides = None, overwrite: Overwrite = F
     settings = load_config(config, overrides or [])
     run_dir = prepare(settings, overwrite=overwrite)
     output.prepared(run_dir)
-    output.trained(run_dir, _train_stage(run_dir, settings))
+    output.trained(run_dir, _stoppable_train(run_dir, settings))
     report = evaluate_run(run_dir, settings)
     output.evaluated(run_dir, report)
     output.artifacts(run_dir)
@@ -93,37 +93,46 @@ def prepare(
 @app.command()
 def train(
     run_dir: RunDirArg, overrides: Overrides = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest intact checkpoint.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Delete an earlier attempt's checkpoints and start over.")] = False,
     nproc: Annotated[int, typer.Option("--nproc", help="Processes to train with (DDP via torchrun; gloo on CPU).")] = 1,
 ) -> None:
     """Train on a prepared run directory (SFT: full, LoRA, DoRA, QLoRA; or DPO/KTO); SIGTERM saves a checkpoint."""
     from tunesmith.cli import output
     from tunesmith.config import load_run_config
     from tunesmith.train.distributed import is_main_process, launch_processes, launched_world_size
-    from tunesmith.train.loop import TrainingStopped
 
     if nproc > 1 and launched_world_size() == 1:
-        command = ["train", str(run_dir), *(overrides or []), *(["--resume"] if resume else [])]
+        command = ["train", str(run_dir), *(overrides or []), *(["--resume"] if resume else []),
+                   *(["--restart"] if restart else [])]
         raise typer.Exit(launch_processes(nproc, command))
-    try:
-        section = _train_stage(run_dir, load_run_config(run_dir, overrides or []), resume)
-    except TrainingStopped as stop:
-        if is_main_process():
-            print(f"{stop}; checkpoint {stop.checkpoint}; continue with `tunesmith train {run_dir} --resume`",
-                  file=sys.stderr)
-        raise typer.Exit(143 if stop.signal_name == "SIGTERM" else 130) from None
+    section = _stoppable_train(run_dir, load_run_config(run_dir, overrides or []), resume, restart)
     if is_main_process():
         output.trained(run_dir, section)
         if load_run_config(run_dir).registry.track:
             _track(run_dir)
 
 
-def _train_stage(run_dir: Path, settings, resume: bool = False) -> dict:
+def _stoppable_train(run_dir: Path, settings, resume: bool = False, restart: bool = False) -> dict:
+    """Train; a SIGTERM or Ctrl-C that saved a checkpoint ends with how to continue and the signal's exit code."""
+    from tunesmith.train.distributed import is_main_process
+    from tunesmith.train.loop import TrainingStopped
+
+    try:
+        return _train_stage(run_dir, settings, resume, restart)
+    except TrainingStopped as stop:
+        if is_main_process():
+            print(f"{stop}; checkpoint {stop.checkpoint}; continue with `tunesmith train {run_dir} --resume`",
+                  file=sys.stderr)
+        raise typer.Exit(143 if stop.signal_name == "SIGTERM" else 130) from None
+
+
+def _train_stage(run_dir: Path, settings, resume: bool = False, restart: bool = False) -> dict:
     """The training entry point for `train.method`: SFT, or preference tuning (DPO, KTO)."""
     if settings.train.method == "sft":
         from tunesmith.train.sft import train_sft
 
-        return train_sft(run_dir, settings, resume=resume)
+        return train_sft(run_dir, settings, resume=resume, restart=restart)
     if resume:
         from tunesmith.errors import TunesmithError
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
-from tunesmith.models import answering_as, load_model
+from tunesmith.models import answering_as, attach_adapter, load_model
 from tunesmith.registry.run import Run
 
 BASE = "base"
@@ -47,12 +47,13 @@ def load_contenders(run: Run, tokenizer, candidates: list[Path], compare_base: b
         taken.add(label)
         runs.append((label, other))
     for number, (label, contender_run) in enumerate(runs):
+        contender_run.verify_weights()
         weights = contender_run.weights_dir
         if contender_run.is_full_fine_tune:
             contenders.append(Contender(label, None, contender_run.directory, model=load_model(weights)))
             continue
         name = "adapter" if number == 0 else f"candidate_{number - 1}"
-        shared = _attach_adapter(shared, weights, name)
+        shared = attach_adapter(shared, weights, name)
         contenders.append(Contender(label, name, contender_run.directory))
     shared.eval()
     return shared, contenders
@@ -65,15 +66,6 @@ def check_comparable(candidate: Run, run: Run, tokenizer) -> None:
                              f"{run.base_source}; candidates must share the run's base model")
     candidate.check_template(tokenizer, whose=f"the run being evaluated ({run.directory}); compare runs made "
                                               "with one template")
-
-
-def _attach_adapter(model, adapter_dir: Path, name: str):
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
-        model.load_adapter(str(adapter_dir), adapter_name=name)
-        return model
-    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
 
 
 def switched_to(model, contender: Contender):

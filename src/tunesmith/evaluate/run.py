@@ -51,6 +51,7 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
     if champion is None and any(rule.reference == "champion" for rule in gate_rules):
         raise TunesmithError("a gate compares with the champion, which only `tunesmith promote` evaluates; "
                              "use `base` or an absolute threshold here")
+    run.verify_weights()
     tokenizer = load_tokenizer(run.weights_dir)  # the exact tokenizer and chat template used in training
     run.check_template(tokenizer, whose=f"the trained model in {run.weights_dir}")
     examples = evaluation_examples(run)[: settings.max_examples]

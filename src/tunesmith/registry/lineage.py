@@ -10,9 +10,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from tunesmith.errors import TunesmithError
 from tunesmith.records import CodeVersion, Lineage
-from tunesmith.registry.hashing import file_sha256, folder_sha256
+from tunesmith.registry.hashing import file_sha256
 from tunesmith.registry.run import EVAL_REPORT, Run
 from tunesmith.registry.run_dir import MANIFEST
 
@@ -21,18 +20,6 @@ from tunesmith.registry.run_dir import MANIFEST
 SNAPSHOT_FILES = (MANIFEST, "config.yaml", "data/card.md", "data/card.html", "data/validation.jsonl",
                   "data/preflight.json", EVAL_REPORT, "eval/report.md", "eval/report.html", "eval/predictions.jsonl",
                   "eval/general.json")
-
-
-def verified_weights_hash(run: Run) -> str:
-    """The trained weights' hash, checked against the one recorded at training time."""
-    trained = run.trained
-    if not run.weights_dir.is_dir():
-        raise TunesmithError(f"{run.weights_dir} is missing; re-run `tunesmith train {run.directory}`")
-    actual = folder_sha256(run.weights_dir)
-    if trained.weights_sha256 and actual != trained.weights_sha256:
-        raise TunesmithError(f"{run.weights_dir} changed after training (its hash no longer matches the manifest's "
-                             "train.weights_sha256); restore it or re-run `tunesmith train`")
-    return actual
 
 
 def content_id(run: Run, weights_sha256: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from tunesmith.errors import TunesmithError
 from tunesmith.records import VersionInfo
 from tunesmith.registry.hashing import folder_manifest, sha256_of_mapping
-from tunesmith.registry.lineage import build_lineage, content_id, verified_weights_hash, write_snapshot
+from tunesmith.registry.lineage import build_lineage, content_id, write_snapshot
 from tunesmith.registry.model_card import model_card
 from tunesmith.registry.run import Run
 from tunesmith.registry.store import (COMPLETE_TAG, CONTENT_TAG, FILES, FILES_TAG, LINEAGE, SNAPSHOT, Registry,
@@ -23,7 +23,7 @@ def register_run(registry: Registry, run_dir: Path, name: str | None = None) -> 
     run = Run.open(run_dir)
     name = name or run.name
     parse_reference(name)  # a valid model name
-    weights = verified_weights_hash(run)
+    weights = run.verify_weights()
     content = content_id(run, weights)
     existing = registry.find_by_content(content, name)
     if existing:
@@ -62,7 +62,7 @@ def _parent_version(registry: Registry, run: Run) -> str | None:
         return None
     try:
         parent_run = Run.open(parent.run_dir)
-        found = registry.find_by_content(content_id(parent_run, verified_weights_hash(parent_run)))
+        found = registry.find_by_content(content_id(parent_run, parent_run.verify_weights()))
     except TunesmithError:
         return None
     return f"{found[0].name}@{found[0].version}" if found else None

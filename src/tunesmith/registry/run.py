@@ -60,6 +60,20 @@ class Run:
     def is_full_fine_tune(self) -> bool:
         return self.trained.full_fine_tune
 
+    def verify_weights(self) -> str:
+        """The trained weights' hash, checked against the one training recorded: a file changed, truncated or
+        replaced since then is refused before anything loads it."""
+        from tunesmith.registry.hashing import folder_sha256
+
+        recorded = self.trained.weights_sha256
+        if not self.weights_dir.is_dir():
+            raise TunesmithError(f"{self.weights_dir} is missing; re-run `tunesmith train {self.directory}`")
+        actual = folder_sha256(self.weights_dir)
+        if recorded and actual != recorded:
+            raise TunesmithError(f"{self.weights_dir} changed after training (its hash no longer matches the "
+                                 "manifest's train.weights_sha256); restore it or re-run `tunesmith train`")
+        return actual
+
     def check_template(self, tokenizer, whose: str = "the base model") -> None:
         """Training, evaluation and serving must use the chat template the data was prepared with."""
         from tunesmith.data.template import template_fingerprint

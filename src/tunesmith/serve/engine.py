@@ -84,6 +84,8 @@ class ServingEngine:
         run = Run.open(run_dir)
         base_source, trained = run.base_source, run.is_trained
         weights_dir = run.weights_dir if trained else None
+        if trained:
+            run.verify_weights()
         full = trained and run.is_full_fine_tune
         marker = "config.json" if full else "adapter_config.json"
         if weights_dir is not None and not (weights_dir / marker).is_file():

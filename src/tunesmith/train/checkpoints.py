@@ -1,7 +1,8 @@
 """Resumable checkpoints written atomically: a temporary folder, fsync, a completeness marker, then a rename.
 
 A checkpoint counts only if its `COMPLETE` marker exists, so a process killed mid-write leaves nothing that
-`--resume` would pick up; the newest complete one wins and only the last K are kept.
+`--resume` would pick up; the newest complete one wins and only the last K are kept. Each records the sha256 of
+every file it wrote (`files.json`); a checkpoint damaged later is skipped for the previous intact one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tunesmith.registry.hashing import file_sha256
 from tunesmith.registry.run_dir import apply_umask, fsync_path
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -20,6 +22,7 @@ WEIGHTS_FILE = "trainable.safetensors"
 STATE_FILE = "training_state.pt"
 PROGRESS_FILE = "progress.json"
 CONFIG_FILE = "config.json"
+HASHES_FILE = "files.json"
 
 
 def checkpoint_name(step: int) -> str:
@@ -57,6 +60,8 @@ def write_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, progr
         torch.save(state, staging / STATE_FILE)
         (staging / PROGRESS_FILE).write_text(json.dumps(progress, indent=1), encoding="utf-8")
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1), encoding="utf-8")
+        hashes = {path.name: file_sha256(path) for path in sorted(staging.iterdir())}
+        (staging / HASHES_FILE).write_text(json.dumps(hashes, indent=1), encoding="utf-8")
         for path in staging.iterdir():
             fsync_path(path)
         (staging / COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
@@ -71,6 +76,29 @@ def write_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, progr
             shutil.rmtree(staging, ignore_errors=True)
     prune_checkpoints(run_dir, keep)
     return final
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a complete checkpoint cannot be trusted (a file missing or changed since it was written), or None."""
+    hashes_path = path / HASHES_FILE
+    expected = json.loads(hashes_path.read_text(encoding="utf-8")) if hashes_path.is_file() else None
+    for name in (WEIGHTS_FILE, STATE_FILE, PROGRESS_FILE, CONFIG_FILE):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if expected is not None and file_sha256(path / name) != expected.get(name):
+            return f"{name} changed since it was written (sha256 mismatch)"
+    return None
+
+
+def newest_intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint whose files check out, and a note for each newer one that was skipped."""
+    skipped = []
+    for path in reversed(complete_checkpoints(run_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append(f"{path.name}: {problem}")
+    return None, skipped
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tunesmith.models import load_tokenizer
 from tunesmith.registry.run import Run
 from tunesmith.registry.run_dir import staged_dir
 from tunesmith.train.batches import StepPlan
-from tunesmith.train.checkpoints import CHECKPOINTS_DIR, newest_complete_checkpoint
+from tunesmith.train.checkpoints import CHECKPOINTS_DIR, complete_checkpoints, newest_intact_checkpoint
 from tunesmith.train.devices import pick_precision, set_cpu_threads
 from tunesmith.train.distributed import default_threads, make_accelerator
 from tunesmith.train.learning_rate import with_learning_rate
@@ -29,14 +30,16 @@ from tunesmith.train.run_record import (ADAPTER_DIR, FULL_MODEL_DIR, parent_of, 
                                         weights_source)
 
 
-def train_sft(run_dir: Path, config: RunConfig, resume: bool = False) -> dict:
-    """Train on the run's training split; write `<run_dir>/adapter` (or `model` for full) and the manifest's `train`."""
+def train_sft(run_dir: Path, config: RunConfig, resume: bool = False, restart: bool = False) -> dict:
+    """Train on the run's training split; write `<run_dir>/adapter` (or `model` for full) and the manifest's `train`.
+
+    Checkpoints of an earlier attempt are continued (`resume`) or deleted (`restart`), never dropped silently."""
     import torch
     from transformers import get_scheduler
 
     run_dir, settings = Path(run_dir), config.train
     run = Run.open(run_dir)
-    resumed_from = _resume_point(run_dir, resume)
+    resumed_from = _resume_point(run_dir, resume, restart)
     if resumed_from:
         settings = _settings_of(resumed_from, settings)
     tokenizer = load_tokenizer(run.base_source)
@@ -105,14 +108,22 @@ def _scheduler_name(settings: TrainConfig) -> str:
     return "constant_with_warmup" if settings.lr_scheduler == "constant" else settings.lr_scheduler
 
 
-def _resume_point(run_dir: Path, resume: bool) -> Path | None:
-    """The newest complete checkpoint when resuming."""
+def _resume_point(run_dir: Path, resume: bool, restart: bool) -> Path | None:
+    """The newest intact checkpoint when resuming (damaged newer ones are skipped, and said so)."""
     if not resume:
+        existing = complete_checkpoints(run_dir)
+        if existing and not restart:
+            raise TunesmithError(f"{run_dir / CHECKPOINTS_DIR} holds checkpoints of an earlier attempt (newest "
+                                 f"{existing[-1].name}); continue it with --resume, or delete them and start over "
+                                 "with --restart")
         return None
-    checkpoint = newest_complete_checkpoint(run_dir)
+    checkpoint, skipped = newest_intact_checkpoint(run_dir)
+    for note in skipped:
+        print(f"warning: checkpoint {note}; trying an earlier one", file=sys.stderr)
     if checkpoint is None:
-        raise TunesmithError(f"--resume: {run_dir / CHECKPOINTS_DIR} holds no complete checkpoint; "
-                             f"train without --resume to start over")
+        damaged = f" (damaged: {'; '.join(skipped)})" if skipped else ""
+        raise TunesmithError(f"--resume: {run_dir / CHECKPOINTS_DIR} holds no intact checkpoint{damaged}; "
+                             f"start over with --restart")
     return checkpoint
 
 

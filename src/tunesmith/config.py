@@ -295,16 +295,30 @@ def apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise TunesmithError(f"override {item!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    node[parts[-1]] = _override_value(item, value)
+
+
+def _override_value(item: str, value: str):
+    """An override's value parsed as YAML; text that is not valid YAML is a clear error, not a parser traceback."""
+    if not value.strip():
+        return None
+    try:
+        return yaml.safe_load(value)
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split(";")[0].split()) or "nested too deeply"
+        key, shown = item.partition("=")[0], item if len(item) <= 80 else item[:80] + "..."
+        raise TunesmithError(f"override {shown!r}: the value is not valid YAML ({problem[:200]}); quote text that "
+                             f"holds YAML characters such as [ {{ : #, e.g. {key[:40]}='\"text\"'") from None
 
 
 def _read_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise TunesmithError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split(";")[0].split()) or "nested too deeply"
+        raise TunesmithError(f"{where}: not valid YAML ({problem}); fix the syntax") from None
     if not isinstance(raw, dict):
         raise TunesmithError(f"{path}: the config must be a YAML mapping of option: value")
     return raw

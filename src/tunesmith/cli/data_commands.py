@@ -1,7 +1,12 @@
-"""`tunesmith data ...`: inspect a file, prepare a run's data, run the pre-flight check. Heavy imports stay inside."""
+"""`tunesmith data ...`: inspect a file, prepare a run's data, run the pre-flight check. Heavy imports stay inside.
+
+File names, keys, roles and messages come from the user's data: they are printed as plain text (never parsed as
+rich markup) with any lone surrogate escaped, and a user error is one line on stderr with exit code 2.
+"""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,6 +16,30 @@ data_app = typer.Typer(help="Data stage: inspect files, prepare (validate, clean
                        no_args_is_help=True)
 
 
+def plain(text, style: str = ""):
+    """User text as a rich Text: shown as written, whatever brackets it holds, and always encodable."""
+    from rich.text import Text
+
+    from tunesmith.data.readers import safe_text
+
+    return Text(safe_text(str(text)), style=style)
+
+
+@contextmanager
+def user_errors():
+    """Print a TunesmithError as one plain `error:` line on stderr and exit 2 (the user's text is not markup)."""
+    from tunesmith.errors import TunesmithError
+
+    try:
+        yield
+    except TunesmithError as exc:
+        from rich.console import Console
+        from rich.text import Text
+
+        Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), plain(exc)))
+        raise typer.Exit(2) from None
+
+
 @data_app.command()
 def inspect(
     path: Annotated[Path, typer.Argument(help="Data file (.jsonl, .json, .csv, .parquet) or saved dataset folder.")],
@@ -18,8 +47,14 @@ def inspect(
     model: Annotated[Optional[str], typer.Option(help="Also flag this model's special tokens inside content ('default' or a path).")] = None,
 ) -> None:
     """Show a data file's formats, row counts, problems by reason, duplicates and PII, writing nothing."""
+    with user_errors():
+        _inspect(path, format, model)
+
+
+def _inspect(path: Path, format: str, model: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from tunesmith.data.inspect import inspect_file
 
@@ -30,17 +65,18 @@ def inspect(
 
         special_tokens = special_token_texts(load_tokenizer(resolve_base_model(model)))
     report = inspect_file(path, format, special_tokens)
-    console = Console()
-    console.print(f"[bold]{report['path']}[/] ({report['file_type']}): {report['rows']:,} rows, {report['valid']:,} valid; "
-                  f"formats {report['formats'] or 'none'}; {report['exact_duplicates']:,} exact duplicates")
+    console = Console(highlight=False)
+    console.print(Text.assemble(plain(report["path"], "bold"), f" ({report['file_type']}): {report['rows']:,} rows, "
+                                f"{report['valid']:,} valid; formats {report['formats'] or 'none'}; "
+                                f"{report['exact_duplicates']:,} exact duplicates"))
     if report["problems"]:
         table = Table("problem", "rows", "first lines", title="rows that would be dropped (lenient) or stop prepare (strict)")
         for reason, count in sorted(report["problems"].items(), key=lambda item: -item[1]):
-            table.add_row(reason, f"{count:,}", "\n".join(report["first_problems"][reason]))
+            table.add_row(plain(reason), f"{count:,}", plain("\n".join(report["first_problems"][reason])))
         console.print(table)
     if report["pii_found"]:
-        console.print("PII found (redacted only with data.redact_pii=true): "
-                      + ", ".join(f"{n} {kind}" for kind, n in report["pii_found"].items()))
+        console.print(plain("PII found (redacted only with data.redact_pii=true): "
+                            + ", ".join(f"{n} {kind}" for kind, n in report["pii_found"].items())))
 
 
 @data_app.command()
@@ -50,21 +86,28 @@ def prepare(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
 ) -> None:
     """Validate, clean, dedup and split the data; write the run directory with its data card and pre-flight report."""
+    with user_errors():
+        _prepare(config, overrides or [], overwrite)
+
+
+def _prepare(config: Path, overrides: list[str], overwrite: bool) -> None:
     from rich.console import Console
+    from rich.text import Text
 
     from tunesmith.config import load_config
     from tunesmith.data.prepare import prepare as prepare_data
     from tunesmith.registry.run import Run
 
-    run_dir = prepare_data(load_config(config, overrides or []), overwrite=overwrite)
+    run_dir = prepare_data(load_config(config, overrides), overwrite=overwrite)
     data = Run.open(run_dir).manifest.data
-    accounting, console = data.accounting, Console()
+    accounting, console = data.accounting, Console(highlight=False)
     dropped = ", ".join(f"{n:,} {reason}" for reason, n in sorted(accounting["dropped"].items(), key=lambda i: -i[1]))
-    console.print(f"[bold green]prepared[/] {run_dir}: read {accounting['read']:,} = kept {accounting['kept']:,} + dropped "
-                  f"{sum(accounting['dropped'].values()):,}{f' ({dropped})' if dropped else ''}")
-    console.print(f"  {data.rows['train']:,} train / {data.rows['validation']:,} validation rows; "
-                  f"version {data.dataset_hash[:12]}; card {run_dir / data.card} (+ .html); "
-                  f"dropped rows {run_dir / data.dropped_file}")
+    console.print(Text.assemble(("prepared ", "bold green"), plain(run_dir),
+                                f": read {accounting['read']:,} = kept {accounting['kept']:,} + dropped "
+                                f"{sum(accounting['dropped'].values()):,}{f' ({dropped})' if dropped else ''}"))
+    console.print(plain(f"  {data.rows['train']:,} train / {data.rows['validation']:,} validation rows; "
+                        f"version {data.dataset_hash[:12]}; card {run_dir / data.card} (+ .html); "
+                        f"dropped rows {run_dir / data.dropped_file}"))
 
 
 @data_app.command()
@@ -74,6 +117,11 @@ def check(
     examples: Annotated[Optional[int], typer.Option(help="Examples to mask-check (default: data.preflight_examples).")] = None,
 ) -> None:
     """Pre-flight check: loss mask, train/inference template agreement, no held-out or benchmark overlap."""
+    with user_errors():
+        _check(run_dir, against or [], examples)
+
+
+def _check(run_dir: Path, against: list[Path], examples: int | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -85,9 +133,9 @@ def check(
     overrides = [f"data.preflight_examples={examples}"] if examples is not None else []
     config, run = load_run_config(run_dir, overrides), Run.open(run_dir)
     tokenizer = load_tokenizer(run.base_source)
-    report = preflight_report(run_dir, config, tokenizer, run.manifest.data.model_dump(), tuple(against or ()))
-    table = Table("check", "ok", "detail", title=f"pre-flight check of {run_dir}")
+    report = preflight_report(run_dir, config, tokenizer, run.manifest.data.model_dump(), tuple(against))
+    table = Table("check", "ok", "detail", title=plain(f"pre-flight check of {run_dir}"))
     for item in report["checks"]:
-        table.add_row(item["name"], "[green]yes[/]" if item["ok"] else "[red]NO[/]", item["detail"])
-    Console().print(table)
+        table.add_row(plain(item["name"]), plain("yes", "green") if item["ok"] else plain("NO", "red"), plain(item["detail"]))
+    Console(highlight=False).print(table)
     raise_on_failures(report)

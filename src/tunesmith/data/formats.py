@@ -65,15 +65,15 @@ def convert_record(record, fmt: str | None, system_prompt: str | None = None,
     found = detect_format(record)
     if fmt is None:
         if found is None:
-            raise RowError("unknown_format", f"unknown data format (keys: {', '.join(sorted(record)) or 'none'}); "
+            raise RowError("unknown_format", f"unknown data format (keys: {key_list(record) or 'none'}); "
                            "expected chat 'messages', 'prompt'+'completion', alpaca 'instruction'+'output', "
                            "ShareGPT 'conversations', preference 'chosen'+'rejected', or 'prompt'+'completion'+'label'")
         fmt = found
     elif found != fmt:
-        raise RowError("wrong_format", f"record is not in the {fmt} format (keys: {', '.join(sorted(record))})")
+        raise RowError("wrong_format", f"record is not in the {fmt} format (keys: {key_list(record)})")
     unknown = record.keys() - REQUIRED_KEYS[fmt] - OPTIONAL_KEYS[fmt] - {extra_key}
     if unknown:
-        raise RowError("unknown_key", f"unknown key(s) {', '.join(sorted(unknown))} for the {fmt} format")
+        raise RowError("unknown_key", f"unknown key(s) {key_list(unknown)} for the {fmt} format")
     example = CONVERTERS[fmt](record)
     if system_prompt and example.messages[0].role != "system":
         example.messages.insert(0, ChatMessage(role="system", content=system_prompt))
@@ -115,7 +115,7 @@ def _sharegpt(record: dict) -> ChatExample:
             raise RowError("missing_key", f"conversations[{index}] must be an object with 'from' and 'value'")
         role = SHAREGPT_ROLES.get(item["from"]) if isinstance(item["from"], str) else None
         if role is None:
-            raise RowError("unknown_role", f"conversations[{index}].from: unknown speaker {item['from']!r} "
+            raise RowError("unknown_role", f"conversations[{index}].from: unknown speaker {shown(item['from'])} "
                                            f"(known: {', '.join(SHAREGPT_ROLES)})")
         turns.append({"role": role, "content": item["value"]})
     if "system" in record:
@@ -172,7 +172,7 @@ def _openai_dpo(record: dict) -> PreferenceExample:
 def _unpaired(record: dict) -> UnpairedPreferenceExample:
     label = record["label"]
     if not isinstance(label, bool) and label not in (0, 1):
-        raise RowError("wrong_type", f"'label' must be true or false, got {label!r}")
+        raise RowError("wrong_type", f"'label' must be true or false, got {shown(label)}")
     prompt = _prompt_messages(record, "prompt")
     check_turn_order(prompt, ends_with="user")
     return UnpairedPreferenceExample(messages=prompt, completion=_reply(record["completion"], "completion"),
@@ -218,14 +218,17 @@ def parse_messages(raw, field: str) -> list[ChatMessage]:
 def parse_message(item, where: str) -> ChatMessage:
     if not isinstance(item, dict):
         raise RowError("wrong_type", f"{where} must be an object with role and content, got {type(item).__name__}")
+    # A null optional field is an absent one (Arrow writes null for a field other rows have); content stays
+    # as given, since a null content is only allowed beside tool_calls.
+    item = {key: value for key, value in item.items() if value is not None or key == "content"}
     unknown = item.keys() - MESSAGE_KEYS
     if unknown:
-        raise RowError("unknown_key", f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise RowError("unknown_key", f"{where}: unknown key(s) {key_list(unknown)}")
     if "role" not in item:
         raise RowError("missing_key", f"{where}.role: missing")
     role = item["role"]
     if role not in ROLES:
-        raise RowError("unknown_role", f"{where}.role: unknown role {role!r} (roles are {', '.join(ROLES)})")
+        raise RowError("unknown_role", f"{where}.role: unknown role {shown(role)} (roles are {', '.join(ROLES)})")
     for key, allowed_on in (("weight", "assistant"), ("tool_calls", "assistant"), ("tool_call_id", "tool")):
         if key in item and role != allowed_on:
             raise RowError("wrong_type", f"{where}.{key}: only allowed on {allowed_on} turns")
@@ -295,6 +298,19 @@ def check_turn_order(messages: list[ChatMessage], ends_with: str) -> None:
     if roles[-1] != ends_with:
         what = "the assistant's answer" if ends_with == "assistant" else "the user's turn (the reply is given separately)"
         raise RowError("turn_order", f"the last message must be {what}")
+
+
+def shown(value, limit: int = 60) -> str:
+    """A user's value as it appears in an error message: its repr, cut short."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**40 else f"a {len(str(abs(value)))}-digit number"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def key_list(keys, limit: int = 10) -> str:
+    """Keys of a record for an error message: sorted, each cut short, at most `limit` of them."""
+    names = sorted(str(key) for key in keys)
+    listed = ", ".join(name if len(name) <= 40 else name[:40] + "..." for name in names[:limit])
+    return listed + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def text_field(value, name: str, allow_empty: bool = False) -> str:

@@ -76,7 +76,7 @@ def run_pipeline(sources: list[Source], settings: RowSettings, data, seed: int, 
     rows, index = PoolRows(), NearDuplicateIndex(data.near_duplicate_threshold, settings.num_perm)
     dropped, pii, formats, problems = Counter(), Counter(), {}, defaultdict(list)
     read = 0
-    with scratch.open("w", encoding="utf-8") as out, dropped_file.open("w", encoding="utf-8") as bad:
+    with scratch.open("w", encoding="utf-8") as out, _open_dropped(dropped_file, "w") as bad:
         for number, source in enumerate(sources):
             seen_formats: dict[str, list[int]] = defaultdict(list)
             for checked in _checked_rows(source.path, settings, data.num_proc):
@@ -96,9 +96,15 @@ def run_pipeline(sources: list[Source], settings: RowSettings, data, seed: int, 
     if data.mode == "strict" and problems:
         raise TunesmithError(_strict_message(problems, dropped))
     kind = _one_kind(formats)
+    if not read:
+        raise TunesmithError(f"no examples in {', '.join(str(s.path) for s in sources)}: no rows read (an empty "
+                             "file?); add examples")
     if not rows.line:
+        # No run directory is written, so point at a command that lists the problems, not at a dropped.jsonl.
+        path, line, message = problems[next(iter(problems))][0]  # every row read was dropped with a reason
         raise TunesmithError(f"no usable examples in {', '.join(str(s.path) for s in sources)} ({read} rows read, "
-                             f"all dropped: {_reasons(dropped)}); see {dropped_file}")
+                             f"all dropped: {_reasons(dropped)}; first: {path}:{line}: {message}); "
+                             f"`tunesmith data inspect {path}` lists every problem by reason")
     keep, reasons, flagged, held_out, duplicate_of = decide_rows(rows, index, sources, data, seed)
     dropped.update(reasons[r] for r in np.flatnonzero(~keep))
     drops = {int(r): (reasons[r], int(duplicate_of[r])) for r in np.flatnonzero(~keep)}
@@ -115,7 +121,7 @@ def write_splits(result: PipelineResult, sources: list[Source], scratch: Path, t
     """Pass 2: every checked row to its split (train rows repeated by source weight) or to dropped.jsonl."""
     rows = result.rows
     with scratch.open(encoding="utf-8") as records, train_file.open("w", encoding="utf-8") as train, \
-            validation_file.open("w", encoding="utf-8") as validation, dropped_file.open("a", encoding="utf-8") as bad:
+            validation_file.open("w", encoding="utf-8") as validation, _open_dropped(dropped_file, "a") as bad:
         for row, record in enumerate(records):
             if row in result.drops:
                 reason, twin = result.drops[row]
@@ -221,6 +227,11 @@ def _largest_clusters(rows: PoolRows, sources: list[Source], duplicate_of: np.nd
     where = lambda row: f"{sources[rows.source[row]].path.name}:{rows.line[row]}"  # noqa: E731
     return [{"size": len(dups) + 1, "kept": where(kept), "dropped": [where(r) for r in dups[:5]]}
             for kept, dups in largest]
+
+
+def _open_dropped(path: Path, mode: str):
+    """dropped.jsonl keeps rows as read; a lone surrogate in one is written as its escape, never a crash."""
+    return path.open(mode, encoding="utf-8", errors="backslashreplace")
 
 
 def _write_dropped(handle, path: Path, line: int, reason: str, message: str, raw: str) -> None:

@@ -13,7 +13,9 @@ from tunesmith.config import RunConfig, config_to_yaml
 from tunesmith.data.card import TokenStats, card_html, card_markdown
 from tunesmith.data.formats import read_examples
 from tunesmith.data.pipeline import Source, run_pipeline, write_splits
+from tunesmith.data.readers import lone_surrogate, safe_text
 from tunesmith.data.rows import RowSettings
+from tunesmith.data.run_lock import run_lock
 from tunesmith.data.template import template_fingerprint
 from tunesmith.errors import TunesmithError
 from tunesmith.models import load_tokenizer, resolve_base_model
@@ -28,8 +30,16 @@ RECORD_TYPES = {"preference": PreferenceExample, "unpaired_preference": Unpaired
 
 
 def prepare(config: RunConfig, overwrite: bool = False) -> Path:
-    """Write `<run_dir>/{config.yaml, data/, manifest.json}`; the run dir appears only when complete."""
+    """Write `<run_dir>/{config.yaml, data/, manifest.json}`; the run dir appears only when complete.
+
+    One prepare per run name at a time: a second one is refused while the first holds the run's lock."""
+    with run_lock(config.run_dir):
+        return _prepare_locked(config, overwrite)
+
+
+def _prepare_locked(config: RunConfig, overwrite: bool) -> Path:
     started = time.perf_counter()
+    check_names_are_text(config)
     run_dir = config.run_dir
     if (run_dir / MANIFEST).exists() and not overwrite:
         raise TunesmithError(f"{run_dir} already holds a run; pass --overwrite or choose another name (name=...)")
@@ -53,6 +63,18 @@ def prepare(config: RunConfig, overwrite: bool = False) -> Path:
             write_json_atomic(data_dir / "preflight.json", report)
             raise_on_failures(report)
     return run_dir
+
+
+def check_names_are_text(config: RunConfig) -> None:
+    """Names recorded in the manifest and config.yaml must be text: a file name whose bytes are not UTF-8 is not."""
+    data = config.data
+    named = [("name", config.name), ("output_dir", config.output_dir), ("data.train", data.train),
+             ("data.validation", data.validation)] + [(f"data.sources[{n}].path", s.path) for n, s in enumerate(data.sources)]
+    for key, value in named:
+        bad = lone_surrogate(str(value)) if value else None
+        if bad:
+            raise TunesmithError(f"{key}: {safe_text(str(value))} is not valid UTF-8 text (it holds {bad}); rename the "
+                                 "file or folder to a UTF-8 name")
 
 
 def data_sources(config: RunConfig) -> list[Source]:

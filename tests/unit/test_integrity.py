@@ -93,3 +93,14 @@ def test_ctrl_c_during_run_ends_with_how_to_continue_not_a_traceback(tiny_config
     result = CliRunner().invoke(cli.app, ["run", str(tiny_config)])
     assert result.exit_code == 130 and not isinstance(result.exception, TrainingStopped)
     assert "continue with `tunesmith train" in result.output and "--resume" in result.output
+
+
+def test_the_top_level_error_line_prints_user_text_as_written(tmp_path, monkeypatch, capsys):
+    from tunesmith.cli.main import main
+
+    missing = tmp_path / "[/]odd[bold]" / "config.yaml"
+    monkeypatch.setattr("sys.argv", ["tunesmith", "prepare", str(missing)])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and "error:" in error and "[/]odd[bold]" in error.replace("\n", "")

@@ -12,17 +12,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from tunesmith.cli.output import plain
+
 data_app = typer.Typer(help="Data stage: inspect files, prepare (validate, clean, dedup, split, card), pre-flight check.",
                        no_args_is_help=True)
-
-
-def plain(text, style: str = ""):
-    """User text as a rich Text: shown as written, whatever brackets it holds, and always encodable."""
-    from rich.text import Text
-
-    from tunesmith.data.readers import safe_text
-
-    return Text(safe_text(str(text)), style=style)
 
 
 @contextmanager
@@ -33,10 +26,9 @@ def user_errors():
     try:
         yield
     except TunesmithError as exc:
-        from rich.console import Console
-        from rich.text import Text
+        from tunesmith.cli.output import print_error
 
-        Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), plain(exc)))
+        print_error(exc)
         raise typer.Exit(2) from None
 
 

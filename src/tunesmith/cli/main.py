@@ -290,9 +290,9 @@ def main() -> None:
     try:
         app()
     except TunesmithError as exc:
-        from rich.console import Console
+        from tunesmith.cli.output import print_error
 
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        print_error(exc)
         sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted: nothing half-written was kept", file=sys.stderr)

@@ -9,16 +9,36 @@ from rich.console import Console
 console = Console()
 
 
+def plain(text, style: str = ""):
+    """User text as a rich Text: shown as written, whatever brackets it holds, and always encodable."""
+    from rich.text import Text
+
+    from tunesmith.data.readers import safe_text
+
+    return Text(safe_text(str(text)), style=style)
+
+
+def _styled(label: str, style: str, text: str):
+    """A styled label, then user text shown as written."""
+    from rich.text import Text
+
+    return Text.assemble((label, style), plain(text))
+
+
+def print_error(exc: Exception) -> None:
+    """One `error:` line on stderr; the message (which quotes the user's text) is never parsed as markup."""
+    Console(stderr=True, highlight=False, soft_wrap=True).print(_styled("error: ", "bold red", str(exc)))
+
+
 def prepared(run_dir: Path) -> None:
     from tunesmith.registry.run import Run
 
     data = Run.open(run_dir).manifest.data
     tokens = data.tokens["train"]
-    console.print(
-        f"[bold green]prepared[/] {run_dir}: {data.rows['train']} train / {data.rows['validation']} validation rows, "
+    console.print(_styled("prepared ", "bold green", (
+        f"{run_dir}: {data.rows['train']} train / {data.rows['validation']} validation rows, "
         f"{tokens['total']:,} train tokens ({tokens['trained_share']:.0%} trained), "
-        f"{tokens['truncated_examples']} truncated; data hash {data.dataset_hash[:12]}"
-    )
+        f"{tokens['truncated_examples']} truncated; data hash {data.dataset_hash[:12]}")))
 
 
 def show_mask(run_dir: Path, config, count: int) -> None:
@@ -33,16 +53,17 @@ def show_mask(run_dir: Path, config, count: int) -> None:
         messages = [m.as_dict() for m in example.messages]
         console.rule(f"line {example.source_line}")
         console.print(masked_example_text(tokenizer, messages, config.data.max_length, example.tools))
-        console.print(f"[italic]{mask_legend(tokenizer, messages, config.data.max_length, example.tools)}[/]")
+        console.print(plain(mask_legend(tokenizer, messages, config.data.max_length, example.tools), "italic"))
 
 
 def trained(run_dir: Path, section: dict) -> None:
     metrics = section["metrics"]
-    console.print(
-        f"[bold green]trained[/] {section['method']} ({section['precision']}, {section['threads']} threads): "
+    console.print(_styled(
+        "trained ", "bold green",
+        f"{section['method']} ({section['precision']}, {section['threads']} threads): "
         f"{metrics['steps']} steps, train loss {metrics['train_loss']}, validation loss {metrics['validation_loss']}, "
-        f"{metrics['tokens_per_second']:,} tokens/s, {section['wall_time_s']} s -> {Path(run_dir) / (section.get('adapter_dir') or section['model_dir'])}"
-    )
+        f"{metrics['tokens_per_second']:,} tokens/s, {section['wall_time_s']} s -> "
+        f"{Path(run_dir) / (section.get('adapter_dir') or section['model_dir'])}"))
 
 
 def evaluated(run_dir: Path, report: dict) -> None:
@@ -51,10 +72,10 @@ def evaluated(run_dir: Path, report: dict) -> None:
 
     console.print(terminal_table(report))
     if report.get("overfitting", {}).get("overfitting"):
-        console.print(f"[bold yellow]overfitting:[/] {report['overfitting']['message']}")
+        console.print(_styled("overfitting: ", "bold yellow", report["overfitting"]["message"]))
     for outcome in report.get("gates", []):
-        console.print(f"[{'green' if outcome['passed'] else 'bold red'}]{describe_outcome(outcome)}[/]", highlight=False)
-    console.print(f"[bold green]report[/] {Path(run_dir) / 'eval' / 'report.md'} (HTML: report.html)")
+        console.print(plain(describe_outcome(outcome), "green" if outcome["passed"] else "bold red"), highlight=False)
+    console.print(_styled("report ", "bold green", f"{Path(run_dir) / 'eval' / 'report.md'} (HTML: report.html)"))
 
 
 def artifacts(run_dir: Path) -> None:
@@ -63,5 +84,5 @@ def artifacts(run_dir: Path) -> None:
     for label, rel in [("run directory", ""), ("manifest", "manifest.json"), ("resolved config", "config.yaml"),
                        ("data splits", "data/"), ("adapter", "adapter/"), ("report (markdown)", "eval/report.md"),
                        ("report (JSON)", "eval/report.json"), ("predictions", "eval/predictions.jsonl")]:
-        console.print(f"  {label:<18} {run_dir / rel}")
-    console.print(f"  serve it with      tunesmith serve {run_dir}")
+        console.print(plain(f"  {label:<18} {run_dir / rel}"))
+    console.print(plain(f"  serve it with      tunesmith serve {run_dir}"))

@@ -24,6 +24,7 @@ def export_version(reference: str, fmt: str, dtype: str | None, out: Path | None
     from tunesmith.models import load_gguf_model, load_model, load_tokenizer
     from tunesmith.records import ExportRecord
     from tunesmith.registry import export as exports
+    from tunesmith.registry.gguf_export import write_gguf
     from tunesmith.registry.hashing import folder_manifest
     from tunesmith.registry.run import Run
     from tunesmith.registry.run_dir import staged_dir
@@ -52,7 +53,7 @@ def export_version(reference: str, fmt: str, dtype: str | None, out: Path | None
             gguf_name = exports.gguf_file_name(name, version, dtype)
             with tempfile.TemporaryDirectory(prefix="tunesmith-merged-") as scratch:
                 exports.save_merged(merged, tokenizer, Path(scratch), "float32", stop_ids)
-                written = exports.write_gguf_from(Path(scratch), staging / gguf_name, dtype)
+                written = write_gguf(Path(scratch), staging / gguf_name, dtype)
             reference_model, candidate = merged, load_gguf_model(staging / gguf_name)
             compared_with = "the merged model"
             if fmt == "ollama":

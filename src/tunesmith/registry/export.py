@@ -71,12 +71,6 @@ def gguf_file_name(model: str, version: str, dtype: str) -> str:
     return f"{model}-v{version}-{dtype}.gguf"
 
 
-def write_gguf_from(merged_dir: Path, target: Path, dtype: str, on_tensor=None) -> dict:
-    from tunesmith.registry.gguf_export import write_gguf
-
-    return write_gguf(merged_dir, target, dtype, on_tensor=on_tensor)
-
-
 def write_modelfile(tokenizer, folder: Path, gguf_name: str, stop_ids: list[int], system: str | None) -> Path:
     from tunesmith.registry.ollama import ollama_modelfile
 

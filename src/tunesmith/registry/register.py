@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -22,7 +21,8 @@ def register_run(registry: Registry, run_dir: Path, name: str | None = None) -> 
     a failure part-way leaves nothing registered."""
     run = Run.open(run_dir)
     name = name or run.name
-    parse_reference(name)  # a valid model name
+    if parse_reference(name) != (name, None):
+        raise TunesmithError(f"--name {name!r}: give a model name such as orders (no @VERSION or /VERSION)")
     weights = run.verify_weights()
     content = content_id(run, weights)
     existing = registry.find_by_content(content, name)
@@ -88,6 +88,3 @@ def card_text(registry: Registry, name: str, version: str) -> str:
     with registry.errors():
         return registry.artifact_text(info.mlflow_run_id, "README.md")
 
-
-def lineage_json(info: VersionInfo) -> str:
-    return json.dumps(info.model_dump(mode="json"), indent=2, ensure_ascii=False)

@@ -220,3 +220,17 @@ def test_serve_and_chat_take_a_registered_version_as_its_verified_copy(store, ru
     assert Run.open(run_dir).trained.weights_sha256 == info.lineage.weights_sha256
     assert _run_dir_of(str(runs["first"])) == runs["first"]
     assert ServingEngine.from_run_dir(run_dir, default_max_tokens=4).adapter_name == "orders"
+
+
+def test_the_same_run_registered_in_two_stores_gets_a_verified_copy_from_each(store, runs, tmp_path, monkeypatch):
+    from tunesmith.registry.register import register_run
+    from tunesmith.registry.store import Registry
+
+    first, _ = register_run(store, runs["first"], "orders")
+    assert store.local_copy("orders", first.version).is_dir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    other = Registry()
+    second, _ = register_run(other, runs["first"], "orders")  # the run's manifest now records the first store
+    assert second.lineage.content_id == first.lineage.content_id
+    assert second.lineage.files_sha256 != first.lineage.files_sha256
+    assert other.local_copy("orders", second.version) != store.local_copy("orders", first.version)

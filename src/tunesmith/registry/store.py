@@ -182,10 +182,10 @@ class Registry:
         content, files_hash = mv.tags.get(CONTENT_TAG), mv.tags.get(FILES_TAG)
         if not content or not files_hash:
             raise TunesmithError(f"{name}@{version} was not registered by tunesmith (no content tags)")
-        target = registry_home() / "cache" / content
+        target = registry_home() / "cache" / files_hash  # exactly these files, whichever store they came from
         if not target.is_dir():
             target.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{content}.tmp-"))
+            staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{files_hash[:16]}.tmp-"))
             try:
                 apply_umask(staging, directory=True)
                 with self.errors():

@@ -15,8 +15,10 @@ from conftest import write_jsonl
 
 def tunesmith(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "tunesmith", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "tunesmith", *map(str, args)], capture_output=True, text=True,
+                            cwd=cwd, env=env, timeout=600)
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]  # user errors are one line
+    return result
 
 
 def test_run_chains_prepare_train_evaluate_and_prints_artifacts(tiny_config):

@@ -47,7 +47,8 @@ def load_contenders(run: Run, tokenizer, candidates: list[Path], compare_base: b
         taken.add(label)
         runs.append((label, other))
     for number, (label, contender_run) in enumerate(runs):
-        contender_run.verify_weights()
+        if number:  # the evaluated run itself was verified before its tokenizer was loaded
+            contender_run.verify_weights()
         weights = contender_run.weights_dir
         if contender_run.is_full_fine_tune:
             contenders.append(Contender(label, None, contender_run.directory, model=load_model(weights)))

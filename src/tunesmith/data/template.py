@@ -8,6 +8,7 @@ role headers, not the whitespace after the end-of-turn token, not padding.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 from tunesmith.errors import TunesmithError
@@ -106,6 +107,28 @@ def end_of_turn_token_ids(tokenizer) -> list[int]:
 
 
 def generation_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-    """Prompt token ids for generation, ending with the template's assistant header."""
+    """Prompt token ids for generation, ending with the template's assistant header.
+
+    User text is data: a message that spells a control token (`<|im_end|>`) gets it as plain text, never as the
+    control token, so it cannot forge a turn. Other prompts tokenize exactly as training did (the whole text)."""
     text = render(tokenizer, messages, add_generation_prompt=True, tools=tools)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not any(_spells_special_token(tokenizer, m.get("content")) for m in messages):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    markers = [f"\u27e6tunesmith-content-{index}\u27e7" for index in range(len(messages))]
+    marked = [{**m, "content": marker} if isinstance(m.get("content"), str) else m for m, marker in zip(messages, markers)]
+    template_text = render(tokenizer, marked, add_generation_prompt=True, tools=tools)
+    ids: list[int] = []
+    for piece in re.split(f"({'|'.join(map(re.escape, markers))})", template_text):
+        if piece in markers:
+            content = messages[markers.index(piece)]["content"]
+            ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _spells_special_token(tokenizer, content) -> bool:
+    if not isinstance(content, str) or "<" not in content and "[" not in content:
+        return False
+    specials = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return any(token and token in content for token in specials)

@@ -30,10 +30,45 @@ from tunesmith.serve.protocol import (
 )
 
 
-def build_app(engine: ServingEngine) -> FastAPI:
+MAX_REQUEST_BYTES = 4 * 2**20
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, max_bytes: int):
+        super().__init__(413, f"request body is over the {max_bytes // 2**20} MiB limit; send less text")
+
+
+class BodySizeLimit:
+    """Refuse request bodies over `max_bytes` (413 in OpenAI's error shape) before they are read whole."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            response = _error_response(413, str(BodyTooLarge(self.max_bytes).detail))
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted():  # a chunked body with no length: counted as it arrives
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def build_app(engine: ServingEngine, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     """A FastAPI app serving `/health`, `/v1/models` and `/v1/chat/completions` from `engine`."""
-    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
+    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None)
     _install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
 
     @app.get("/health")
     def health() -> dict:

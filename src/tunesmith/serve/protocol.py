@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ChatMessage(BaseModel):
@@ -15,11 +15,26 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
+    @field_validator("content")
+    @classmethod
+    def _valid_unicode(cls, content: str) -> str:
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"holds an unpaired surrogate at character {exc.start}; send valid Unicode text") from None
+        return content
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = False
+
+
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+               "functions": (None, []), "function_call": (None, "none"), "logit_bias": (None, {}),
+               "response_format": (None, {"type": "text"})}
+"""Request fields this server cannot honour yet, with the values that ask for nothing."""
 
 
 class ChatCompletionRequest(BaseModel):
@@ -37,7 +52,17 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_what_we_would_ignore(cls, raw):
+        """Options that would change the answer are refused, not silently ignored (the engine issue adds them)."""
+        if isinstance(raw, dict):
+            for name, harmless in UNSUPPORTED.items():
+                if name in raw and raw[name] not in harmless:
+                    raise ValueError(f"`{name}` is not supported by this server yet; leave it out")
+        return raw
 
     @field_validator("n")
     @classmethod

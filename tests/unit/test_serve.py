@@ -230,3 +230,59 @@ def test_user_text_that_spells_control_tokens_stays_text(engine):
     plain = [{"role": "user", "content": "Send 3 blue mug to Denver"}]
     rendered = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
     assert generation_prompt_ids(tokenizer, plain) == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def hostile_values():
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**80), max_value=2**80),
+                        st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40),
+                        st.sampled_from(["\ud800", "[/]", "<|im_end|>", "{{ x }}", "\x00", "%s%n", "' OR 1=1 --"]))
+    return st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                         st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                        max_leaves=12)
+
+
+FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream",
+          "stream_options", "stop", "seed", "logprobs", "tools", "response_format", "user", "extra"]
+
+
+def test_a_thousand_hostile_requests_get_no_5xx_and_the_server_still_answers(server_url):
+    """Each request replaces one field of a valid request (or a message's field) with a generated hostile value."""
+    import random
+
+    import psutil
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    statuses: dict[int, int] = {}
+    rss_before = psutil.Process().memory_info().rss
+    with httpx.Client(base_url=server_url, timeout=60) as http:
+        @settings(max_examples=1000, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(field=st.sampled_from(FIELDS + ["messages.role", "messages.content"]), value=hostile_values(),
+               seed=st.integers(0, 2**32))
+        def one_request(field, value, seed):
+            body = {"model": "orders", "messages": [{"role": "user", "content": "Send 1 red hat to Oslo"}],
+                    "max_tokens": 2}
+            if field.startswith("messages."):
+                body["messages"][0][field.split(".")[1]] = value
+            else:
+                body[field] = value
+            if random.Random(seed).random() < 0.5 and isinstance(body.get("max_tokens"), int):
+                body["max_tokens"] = min(body["max_tokens"], 8)  # keep generation short when the value is valid
+            raw = json.dumps(body, ensure_ascii=True)
+            reply = http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+            statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
+            assert reply.status_code < 500, (field, value, reply.text[:300])
+            if reply.status_code >= 400:
+                assert set(reply.json()["error"]) >= {"message", "type"}
+
+        one_request()
+        for raw in (b"{", b"", b"[]", b"null", b'{"model": 1}', "\ufeff{}".encode(), b"\xff\xfe"):
+            reply = http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+            assert 400 <= reply.status_code < 500 and "error" in reply.json()
+        assert http.post("/v1/chat/completions", json={"model": "orders", "messages": PROMPT,
+                                                       "max_tokens": 2}).status_code == 200
+    assert sum(statuses.values()) >= 1000 and max(statuses) < 500
+    assert psutil.Process().memory_info().rss - rss_before < 1 * 2**30

@@ -328,7 +328,7 @@ def write_rows(path: Path, rows: list, container: str) -> Path:
     return path
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(rows=st.lists(ROW, min_size=1, max_size=6), good=st.integers(0, 12),
        container=st.sampled_from(["jsonl", "json", "csv"]), order=st.randoms(use_true_random=False))

@@ -18,6 +18,7 @@ def parent_of(run: Run, settings: TrainConfig) -> Run | None:
         return None
     parent = Run.open(settings.init_from)
     parent.check_continuable_by(run, settings.adapter == "full")
+    parent.verify_weights()  # training continues from these files: they must be the ones the parent trained
     return parent
 
 

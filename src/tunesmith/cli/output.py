@@ -86,3 +86,4 @@ def artifacts(run_dir: Path) -> None:
                        ("report (JSON)", "eval/report.json"), ("predictions", "eval/predictions.jsonl")]:
         console.print(plain(f"  {label:<18} {run_dir / rel}"))
     console.print(plain(f"  serve it with      tunesmith serve {run_dir}"))
+    console.print(plain(f"  version it with    tunesmith register {run_dir} --name NAME"))

@@ -81,10 +81,7 @@ def write_modelfile(tokenizer, folder: Path, gguf_name: str, stop_ids: list[int]
 
 def data_system_prompt(run: Run) -> str | None:
     """The system prompt the training data had: the config's, or the one every held-out example shares."""
-    import yaml
-
-    config = yaml.safe_load((run.directory / "config.yaml").read_text(encoding="utf-8")) or {}
-    configured = (config.get("data") or {}).get("system_prompt")
+    configured = (run.config_dict().get("data") or {}).get("system_prompt")
     if configured:
         return configured
     path = run.directory / run.manifest.data.validation_file

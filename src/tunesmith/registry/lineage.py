@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from tunesmith.records import CodeVersion, Lineage
-from tunesmith.registry.hashing import file_sha256
+from tunesmith.registry.hashing import file_sha256, sha256_of_mapping
 from tunesmith.registry.run import EVAL_REPORT, Run
 from tunesmith.registry.run_dir import MANIFEST
 
@@ -62,7 +62,7 @@ def build_lineage(run: Run, model: str, content: str, weights_sha256: str, files
               "kind": data.kind, "rows": data.rows, "accounting": data.accounting, "card": data.card,
               "sources": getattr(data, "sources", None), "tokens": data.tokens},
         base_model={**run.manifest.base_model.model_dump(), "weights_sha256": base_weights_hash(run.base_source)},
-        config=_run_config(run), train=trained.model_dump(mode="json", exclude={"loss_curve", "validation_curve"}),
+        config=run.config_dict(), train=trained.model_dump(mode="json", exclude={"loss_curve", "validation_curve"}),
         code=code_version(), environment=run.manifest.environment, parent=parent, evaluation=evaluation,
         registered_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
@@ -74,10 +74,7 @@ def base_weights_hash(source: str) -> str | None:
     if not folder.is_dir():
         return None
     weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
-    digest = hashlib.sha256()
-    for path in weights:
-        digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
-    return digest.hexdigest() if weights else None
+    return sha256_of_mapping({path.name: file_sha256(path) for path in weights}) if weights else None
 
 
 def code_version() -> CodeVersion:
@@ -98,10 +95,3 @@ def code_version() -> CodeVersion:
         except (OSError, subprocess.TimeoutExpired):
             pass
     return CodeVersion(tunesmith=version, git_commit=commit, git_dirty=dirty)
-
-
-def _run_config(run: Run) -> dict:
-    import yaml
-
-    path = run.directory / "config.yaml"
-    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}

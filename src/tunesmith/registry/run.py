@@ -92,6 +92,13 @@ class Run:
         self.manifest = Manifest.model_validate(raw)  # our bug if this fails, so it is not caught
         write_json_atomic(path, raw)
 
+    def config_dict(self) -> dict:
+        """The resolved config the run was prepared with (`config.yaml`), as a plain dict."""
+        import yaml
+
+        path = self.directory / "config.yaml"
+        return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+
     def evaluation_report(self) -> EvaluationReport:
         path = self.directory / EVAL_REPORT
         if not path.is_file():

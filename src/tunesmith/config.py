@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunesmith.errors import TunesmithError
 
@@ -222,6 +222,22 @@ class ServeConfig(_Section):
     """Port the OpenAI-compatible server listens on."""
     max_new_tokens: int = 256
     """Default `max_tokens` when a request does not set one."""
+    models: list[str] = []
+    """What `tunesmith serve --config FILE` serves when the command names nothing: run directories and registered
+    versions (NAME@VERSION, NAME@ALIAS); adapters of one base share one copy of it."""
+    serve_base: bool = True
+    """Also serve each base model under its own name (to compare with the fine-tuned versions)."""
+    engine: Literal["native", "vllm", "llamacpp"] = "native"
+    """native: tunesmith's continuous-batching engine (CPU or GPU); vllm: launch vLLM with the same served names
+    (GPU); llamacpp: launch llama.cpp's llama-server on GGUF exports."""
+    max_batch: int = Field(32, ge=1)
+    """Most sequences decoded together; more requests wait in the queue."""
+    max_waiting: int = Field(64, ge=0)
+    """Most requests waiting for a place in the batch; beyond it requests get 429 with Retry-After."""
+    request_timeout: float = Field(600, gt=0)
+    """Seconds a request may take in all before it is dropped (503 with Retry-After)."""
+    drain_seconds: float = Field(30, ge=0)
+    """On SIGTERM or Ctrl-C: seconds the requests in flight get to finish before the server exits."""
 
 
 class RegistryConfig(_Section):
@@ -271,6 +287,21 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     _resolve_data_paths(raw, path.parent)
     _resolve_evaluate_paths(raw, path.parent)
     return validate_config(raw, source=str(path))
+
+
+def load_serve_config(path: Path | str) -> ServeConfig:
+    """The `serve:` section of a YAML file (a whole run config or a file holding only that section)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TunesmithError(f"config file not found: {path}")
+    raw = _read_yaml(path)
+    section = raw.get("serve", {}) if isinstance(raw, dict) and ("serve" in raw or "data" in raw) else raw
+    try:
+        return ServeConfig.model_validate(section or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise TunesmithError(f"{path}: serve.{where}: {first['msg']}") from None
 
 
 def load_run_config(run_dir: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -98,7 +98,7 @@ def test_unknown_model_is_a_404_naming_the_served_models(client):
 
 @pytest.mark.parametrize("body", [
     {"model": "orders", "messages": "hello"},
-    {"model": "orders", "messages": [{"role": "user", "content": "hi"}], "n": 2},
+    {"model": "orders", "messages": [{"role": "user", "content": "hi"}], "n": 17},
     {"model": "orders", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
     {"messages": [{"role": "user", "content": "hi"}]},
 ])
@@ -138,28 +138,32 @@ def test_seeded_sampling_repeats(engine):
 
 
 def test_choosing_the_base_switches_the_adapter_off(run_dir):
-    """With the adapter's weights made large, the base must still match the plain base model exactly."""
+    """With the adapter's weights made large, the base must still answer exactly like the plain base model, and
+    base and adapter rows decoded in one batch must each answer as they do alone."""
     import torch
 
     from tunesmith.data.template import generation_prompt_ids
     from tunesmith.models import load_model
 
     engine = ServingEngine.from_run_dir(run_dir, device="cpu")
+    shared = engine.models[engine.adapter_name].route.group.model
+    assert engine.models[engine.base_name].route.group.model is shared  # one copy of the base
     with torch.no_grad():
-        for name, param in engine.model.named_parameters():
+        for name, param in shared.named_parameters():
             if "lora_B" in name:
                 param.fill_(0.5)
-    ids = torch.tensor([generation_prompt_ids(engine.tokenizer, PROMPT)])
+    ids = generation_prompt_ids(engine.tokenizer, PROMPT)
+    plain = load_model(json.loads((run_dir / "manifest.json").read_text())["base_model"]["source"])
     with torch.no_grad():
-        with engine.using(engine.base_name) as model:
-            base = model(input_ids=ids).logits
-        with engine.using(engine.adapter_name) as model:
-            adapted = model(input_ids=ids).logits
-        plain = load_model(json.loads((run_dir / "manifest.json").read_text())["base_model"]["source"])(ids).logits
-    torch.testing.assert_close(base, plain)
-    assert (adapted - plain).abs().max() > 0.1  # the adapter really is on when its name is chosen
-    request = ChatCompletionRequest(model=engine.base_name, messages=PROMPT, max_tokens=8)
-    assert engine.generate(request).text != engine.generate(request.model_copy(update={"model": "orders"})).text
+        expected = plain.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, len(ids):]
+    base = ChatCompletionRequest(model=engine.base_name, messages=PROMPT, max_tokens=8)
+    tuned = base.model_copy(update={"model": "orders"})
+    assert engine.generate(base).text == engine.tokenizer.decode(expected, skip_special_tokens=True)
+    alone = engine.generate(tuned).text
+    assert alone != engine.generate(base).text  # the adapter really is on when its name is chosen
+    streams = [engine.stream(request) for request in (base, tuned, base, tuned)]  # all four in one batch
+    together = ["".join(delta.text for delta in stream) for stream in streams]
+    assert together == [engine.generate(base).text, alone] * 2
 
 
 def test_untrained_run_serves_the_base_alone(run_dir, tmp_path, tiny_model_dir):
@@ -182,9 +186,13 @@ def test_a_changed_chat_template_is_refused(run_dir, tmp_path):
 HOSTILE = [
     ({"messages": [{"role": "user", "content": "\ud800 lone"}]}, 400, "unpaired surrogate"),
     ({"seed": 2**70}, 400, "seed"),
-    ({"logprobs": True}, 400, "`logprobs` is not supported"),
+    ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ({"top_logprobs": 2}, 400, "top_logprobs needs logprobs"),
+    ({"presence_penalty": 0.5}, 400, "`presence_penalty` is not supported"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nowhere"}}}}, 400,
+     "the schema cannot be enforced"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "`tools` is not supported"),
-    ({"response_format": {"type": "json_object"}}, 400, "`response_format` is not supported"),
+    ({"response_format": {"type": "yaml"}}, 400, "response_format"),
     ({"logit_bias": {"5": 10}}, 400, "`logit_bias` is not supported"),
 ]
 

@@ -59,10 +59,9 @@ def test_a_full_fine_tune_is_evaluated_against_the_base_and_served_beside_it(tin
 
     engine = ServingEngine.from_run_dir(run_dir, default_max_tokens=4)
     assert engine.list_models() == [engine.adapter_name, engine.base_name]
-    with engine.using(engine.adapter_name) as tuned:
-        tuned_head = tuned.lm_head.weight.clone()
-    with engine.using(engine.base_name) as base:
-        assert tuned is not base and not torch.equal(tuned_head, base.lm_head.weight)
+    tuned = engine.models[engine.adapter_name].route.group.model
+    base = engine.models[engine.base_name].route.group.model
+    assert tuned is not base and not torch.equal(tuned.lm_head.weight, base.lm_head.weight)
     request = ChatCompletionRequest(model=engine.adapter_name, messages=[{"role": "user", "content": "hi"}])
     assert engine.generate(request).completion_tokens >= 1
 

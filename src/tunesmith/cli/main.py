@@ -206,17 +206,24 @@ def export(
 
 @app.command()
 def serve(
-    run_dir: Annotated[str, typer.Argument(help="Run directory, or a registered version (NAME@VERSION, NAME@ALIAS).")],
+    references: Annotated[Optional[list[str]], typer.Argument(
+        help="Run directories or registered versions (NAME@VERSION, NAME@ALIAS), served together; LoRA versions of "
+             "one base share one copy of it.", show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML whose serve: section sets the options "
+                                                                     "(serve.models lists what to serve).")] = None,
+    base: Annotated[Optional[bool], typer.Option("--base/--no-base", help="Also serve each base model under its "
+                                                                          "own name (default: serve.serve_base).")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="native (tunesmith's batching engine), vllm or llamacpp "
+                                                       "(default: serve.engine).")] = None,
     host: Annotated[Optional[str], typer.Option(help="Listen address (default: serve.host).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (default: serve.port).")] = None,
 ) -> None:
-    """Serve the base model and the adapter behind an OpenAI-compatible API."""
-    from tunesmith.config import load_run_config
-    from tunesmith.serve.app import run_server
+    """Serve fine-tuned versions (and their bases) behind one OpenAI-compatible API, with continuous batching."""
+    from tunesmith.cli.serve_command import serve_command
 
-    run_dir = _run_dir_of(run_dir)
-    settings = load_run_config(run_dir).serve
-    run_server(run_dir, host or settings.host, port or settings.port, settings.max_new_tokens)
+    code = serve_command(references or [], config, base, engine, host, port)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

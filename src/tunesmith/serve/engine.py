@@ -1,21 +1,21 @@
-"""One process serving two names, the trained adapter (or fully fine-tuned model) and its base, a request at a time."""
+"""The served models behind the batching engine: turns OpenAI requests into generation requests and back."""
 
 from __future__ import annotations
 
 import queue
 import threading
-from contextlib import contextmanager
-from dataclasses import dataclass
+import time
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
-from tunesmith.data.template import end_of_turn_token_ids, generation_prompt_ids
+from tunesmith.data.template import generation_prompt_ids
 from tunesmith.errors import TunesmithError
-from tunesmith.models import DEFAULT_MODEL_NAME, answering_as, load_model, load_tokenizer, load_with_adapter
-from tunesmith.registry.run import Run
-from tunesmith.serve.protocol import ChatCompletionRequest
-
-ADAPTER_NAME = "adapter"  # the name `load_with_adapter` registers the LoRA weights under
+from tunesmith.generation.constraints import GrammarCompiler
+from tunesmith.generation.engine import BatchingEngine, RequestHandle
+from tunesmith.generation.requests import ChoiceUpdate, Event, Failed, GenerationRequest, SamplingParams
+from tunesmith.serve.loading import ServedModel, load_served_models
+from tunesmith.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ResponseFormat
+from tunesmith.serve.targets import ServedTarget, resolve_targets, served_base_name  # noqa: F401 (re-exported)
 
 
 class ModelNotFound(TunesmithError):
@@ -25,8 +25,16 @@ class ModelNotFound(TunesmithError):
         super().__init__(f"model {name!r} not found; this server serves: {', '.join(available)}")
 
 
+class GenerationFailed(TunesmithError):
+    """The engine dropped the request: `reason` "deadline" (a 503 with Retry-After) or "error" (a 500)."""
+
+    def __init__(self, failure: Failed):
+        super().__init__(failure.message)
+        self.reason = failure.reason
+
+
 class StreamDelta(NamedTuple):
-    """A piece of the reply; the last one of a stream carries `finish_reason` ("stop" or "length")."""
+    """A piece of choice 0's reply; the last one carries `finish_reason` ("stop" or "length")."""
 
     text: str
     finish_reason: str | None
@@ -41,211 +49,168 @@ class Completion(NamedTuple):
     completion_tokens: int
 
 
-@dataclass(frozen=True)
-class _Plan:
-    model: str
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float | None
-    seed: int | None
-    stops: list[str]
-
-
-def served_base_name(base_model: str) -> str:
-    """The public name of the base model: the default's real name, else the folder or Hub repo name."""
-    if base_model == "default":
-        return DEFAULT_MODEL_NAME
-    return Path(base_model.rstrip("/")).name or base_model
-
-
 class ServingEngine:
-    """Generates chat replies from the base model, or the base with the run's adapter switched on, or the run's
-    fully fine-tuned model (`tuned_model`, loaded beside the base)."""
+    """Served names (fine-tuned versions first, then bases) over one `BatchingEngine`."""
 
-    def __init__(self, model, tokenizer, base_name: str, adapter_name: str | None, default_max_tokens: int = 256,
-                 tuned_model=None):
-        self.model = model
-        self.tuned_model = tuned_model
-        self.tokenizer = tokenizer
-        self.base_name = base_name
-        self.adapter_name = adapter_name
-        self.default_max_tokens = default_max_tokens
-        self.stop_ids = set(end_of_turn_token_ids(tokenizer))
-        self.context_length = getattr(model.config, "max_position_embeddings", None)
-        self._lock = threading.Lock()
+    def __init__(self, models: dict[str, ServedModel], default_max_tokens: int = 256, max_batch: int = 32,
+                 max_waiting: int = 64, request_timeout: float | None = None):
+        self.models = models
+        self.default_max_tokens, self.request_timeout = default_max_tokens, request_timeout
+        self.batching = BatchingEngine({name: model.route for name, model in models.items()}, max_batch, max_waiting)
+        self._compilers: dict[int, GrammarCompiler] = {}
+        self._tokenizing = threading.Lock()  # a fast tokenizer must not encode in two threads at once
+        self._started = False
+
+    @classmethod
+    def from_targets(cls, targets: list[ServedTarget], serve_base: bool = True, device: str | None = None,
+                     **settings) -> ServingEngine:
+        return cls(load_served_models(targets, serve_base, device), **settings)
+
+    @classmethod
+    def from_references(cls, references: list[str], serve_base: bool = True, **settings) -> ServingEngine:
+        """Run directories and registry references (NAME@VERSION, NAME@ALIAS), resolved and verified."""
+        return cls.from_targets(resolve_targets(references), serve_base, **settings)
 
     @classmethod
     def from_run_dir(cls, run_dir: Path | str, default_max_tokens: int = 256, device: str | None = None):
-        """Load a run's base model and adapter (base alone if the run is not trained), checking the chat template."""
-        import torch
+        """One run (its adapter or fully fine-tuned model) and its base."""
+        return cls.from_references([str(run_dir)], device=device, default_max_tokens=default_max_tokens)
 
-        run_dir = Path(run_dir)
-        run = Run.open(run_dir)
-        base_source, trained = run.base_source, run.is_trained
-        weights_dir = run.weights_dir if trained else None
-        if trained:
-            run.verify_weights()
-        full = trained and run.is_full_fine_tune
-        marker = "config.json" if full else "adapter_config.json"
-        if weights_dir is not None and not (weights_dir / marker).is_file():
-            raise TunesmithError(f"{weights_dir}: no {marker}; re-run `tunesmith train` for this run")
-        # The trained folder holds the tokenizer training used, so the template is exactly the trained one.
-        tokenizer = load_tokenizer(weights_dir or base_source)
-        run.check_template(tokenizer, whose=f"the model in {weights_dir or base_source}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        adapter = weights_dir is not None and not full
-        model = load_with_adapter(base_source, weights_dir) if adapter else load_model(base_source)
-        model.to(device)
-        tuned_model = load_model(weights_dir).to(device) if full else None
-        base_name = served_base_name(run.manifest.base_model.name)
-        adapter_name = run.name if trained else None
-        if adapter_name == base_name:
-            base_name += "-base"
-        return cls(model, tokenizer, base_name, adapter_name, default_max_tokens, tuned_model)
+    # --- what is served ----------------------------------------------------------------------------------------
 
     def list_models(self) -> list[str]:
-        """Served model names, the adapter (if any) first."""
-        return [name for name in (self.adapter_name, self.base_name) if name]
+        """Served names: fine-tuned versions first, then bases."""
+        return sorted(self.models, key=lambda name: self.models[name].parent is None)
 
-    @contextmanager
-    def using(self, model_name: str):
-        """Hold the generation lock with `model_name`'s weights active; yields the torch model."""
-        self.check_model(model_name)
-        tuned = model_name == self.adapter_name
-        if tuned and self.tuned_model is not None:
-            weights = answering_as(self.model, own_model=self.tuned_model)
-        else:
-            weights = answering_as(self.model, ADAPTER_NAME if tuned else None)
-        with self._lock, weights as model:
-            yield model
+    def model_cards(self) -> list[ModelCard]:
+        return [ModelCard(id=name, parent=self.models[name].parent, root=self.models[name].root,
+                          max_model_len=self.models[name].context_length) for name in self.list_models()]
 
-    def generate(self, request: ChatCompletionRequest) -> Completion:
-        """The whole reply at once: (text, finish_reason, prompt_tokens, completion_tokens)."""
-        parts = []
-        for delta in self.stream(request):
-            parts.append(delta.text)
-        return Completion("".join(parts), delta.finish_reason, delta.prompt_tokens, delta.completion_tokens)
-
-    def stream(self, request: ChatCompletionRequest) -> Iterator[StreamDelta]:
-        """Reply deltas as tokens are generated; request errors raise here, before the first token."""
-        plan = self._plan(request)
-        deltas: queue.Queue = queue.Queue()
-        cancelled = threading.Event()
-        # Decoding runs in its own thread so the lock is always released, even if the reader walks away.
-        threading.Thread(target=self._produce, args=(plan, deltas, cancelled), daemon=True).start()
-        return _consume(deltas, cancelled)
-
-    def check_model(self, model_name: str) -> None:
-        """Raise ModelNotFound (a 404 in the API) unless this engine serves `model_name`."""
-        if model_name not in self.list_models():
+    def check_model(self, model_name: str) -> ServedModel:
+        """The served model, or ModelNotFound (a 404 in the API)."""
+        if model_name not in self.models:
             raise ModelNotFound(model_name, self.list_models())
+        return self.models[model_name]
 
-    def _plan(self, request: ChatCompletionRequest) -> _Plan:
+    @property
+    def adapter_name(self) -> str | None:
+        """The first fine-tuned version's name (one-run servers)."""
+        return next((name for name in self.list_models() if self.models[name].parent), None)
+
+    @property
+    def tokenizer(self):
+        """The first served model's tokenizer (one-run servers)."""
+        return self.models[self.list_models()[0]].tokenizer
+
+    @property
+    def base_name(self) -> str | None:
+        return next((name for name in self.list_models() if self.models[name].parent is None), None)
+
+    # --- requests ------------------------------------------------------------------------------------------------
+
+    def plan_chat(self, request: ChatCompletionRequest) -> GenerationRequest:
+        """The generation request for a chat completion; a bad request raises here (a 4xx in the API)."""
         from jinja2 import TemplateError
 
-        self.check_model(request.model)
-        try:
-            prompt_ids = generation_prompt_ids(self.tokenizer, [m.model_dump() for m in request.messages])
-        except TemplateError as exc:
-            raise TunesmithError(f"messages: the model's chat template rejected them ({exc})") from None
-        max_tokens = request.token_limit(self.default_max_tokens)
-        if self.context_length:
-            room = self.context_length - len(prompt_ids)
+        served = self.check_model(request.model)
+        with self._tokenizing:
+            try:
+                prompt = generation_prompt_ids(served.tokenizer, [m.model_dump() for m in request.messages])
+            except TemplateError as exc:
+                raise TunesmithError(f"messages: the model's chat template rejected them ({exc})") from None
+        constraint = self._constraint(served, request.response_format)
+        return self._plan(served, prompt, request, request.token_limit(self.default_max_tokens),
+                          request.logprobs_wanted(), constraint, "messages")
+
+    def plan_completion(self, request: CompletionRequest) -> list[GenerationRequest]:
+        """One generation request per prompt of a text completion (strings are tokenized as text, never as
+        control tokens; a list of token ids is taken as it is)."""
+        served = self.check_model(request.model)
+        plans = []
+        for index, prompt in enumerate(request.prompts()):
+            where = "prompt" if len(request.prompts()) == 1 else f"prompt[{index}]"
+            if isinstance(prompt, str):
+                with self._tokenizing:
+                    ids = served.tokenizer(prompt, split_special_tokens=True)["input_ids"]
+            else:
+                ids = self._checked_ids(served, prompt, where)
+            if not ids:
+                raise TunesmithError(f"{where}: empty; send some text")
+            plans.append(self._plan(served, ids, request, request.token_limit(self.default_max_tokens),
+                                    request.logprobs, None, where))
+        return plans
+
+    def submit(self, plan: GenerationRequest, emit: Callable[[Event], None]) -> RequestHandle:
+        """Queue a planned request (EngineBusy when the queue is full); events reach `emit` from the engine."""
+        self.start()
+        return self.batching.submit(plan, emit)
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self.batching.start()
+
+    def stop(self) -> None:
+        self.batching.stop()
+
+    # --- in-process use (chat CLI, tests) ---------------------------------------------------------------------
+
+    def stream(self, request: ChatCompletionRequest) -> Iterator[StreamDelta]:
+        """Choice 0's reply as it is generated; request errors raise here, before the first token."""
+        events: queue.Queue = queue.Queue()
+        handle = self.submit(self.plan_chat(request), events.put)
+        return _deltas(events, handle)
+
+    def generate(self, request: ChatCompletionRequest) -> Completion:
+        parts, last = [], None
+        for last in self.stream(request):
+            parts.append(last.text)
+        return Completion("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+    # --- helpers -------------------------------------------------------------------------------------------------
+
+    def _plan(self, served: ServedModel, prompt: list[int], request, max_tokens: int, logprobs: int | None,
+              constraint, where: str) -> GenerationRequest:
+        if served.context_length:
+            room = served.context_length - len(prompt)
             if room < 1:
-                raise TunesmithError(f"messages: the prompt is {len(prompt_ids)} tokens but the model's context is "
-                                     f"{self.context_length}; shorten the conversation")
+                raise TunesmithError(f"{where}: the prompt is {len(prompt)} tokens but the model's context is "
+                                     f"{served.context_length}; shorten it")
             max_tokens = min(max_tokens, room)
-        return _Plan(request.model, prompt_ids, max_tokens, request.temperature or 0.0, request.top_p,
-                     request.seed, request.stop_strings())
+        params = SamplingParams(max_tokens, request.temperature or 0.0, request.top_p or 1.0, request.seed,
+                                request.stop_strings(), logprobs)
+        deadline = time.monotonic() + self.request_timeout if self.request_timeout else None
+        return GenerationRequest(request.model, prompt, params, request.n, constraint, deadline)
 
-    def _produce(self, plan: _Plan, deltas: queue.Queue, cancelled: threading.Event) -> None:
-        try:
-            for delta in self._decode(plan, cancelled):
-                deltas.put(delta)
-        except BaseException as exc:  # handed to the reader, which re-raises it in its own thread
-            deltas.put(exc)
+    def _constraint(self, served: ServedModel, response_format: ResponseFormat | None):
+        if response_format is None or response_format.type == "text":
+            return None
+        compiler = self._compilers.get(id(served.tokenizer))
+        if compiler is None:
+            compiler = GrammarCompiler(served.tokenizer, served.route.group.vocab_size)
+            self._compilers[id(served.tokenizer)] = compiler
+        if response_format.type == "json_object":
+            return compiler.any_json_object()
+        return compiler.json_schema(response_format.json_schema.schema_)
 
-    def _decode(self, plan: _Plan, cancelled: threading.Event) -> Iterator[StreamDelta]:
-        import torch
-
-        generator = _sampling_generator(plan.seed) if plan.temperature else None
-        device = next(self.model.parameters()).device
-        prompt_tokens, sampled, kept = len(plan.prompt_ids), 0, []
-        text, emitted, finish = "", 0, "length"
-        inputs, cache = torch.tensor([plan.prompt_ids], device=device), None
-        with self.using(plan.model) as model, torch.inference_mode():
-            while sampled < plan.max_tokens:
-                if cancelled.is_set():
-                    return
-                output = model(input_ids=inputs, past_key_values=cache, use_cache=True)
-                cache = output.past_key_values
-                token = _pick_token(output.logits[0, -1], plan.temperature, plan.top_p, generator)
-                sampled += 1
-                if token in self.stop_ids:
-                    finish = "stop"
-                    break
-                kept.append(token)
-                # Decoding the whole reply each step keeps multi-token characters and leading spaces right.
-                text = self.tokenizer.decode(kept, skip_special_tokens=True)
-                cut = _first_stop(text, plan.stops)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                    break
-                ready = _emittable_length(text, plan.stops)
-                if ready > emitted:
-                    yield StreamDelta(text[emitted:ready], None, prompt_tokens, sampled)
-                    emitted = ready
-                inputs = torch.tensor([[token]], device=device)
-        yield StreamDelta(text[emitted:], finish, prompt_tokens, sampled)
+    @staticmethod
+    def _checked_ids(served: ServedModel, ids: list[int], where: str) -> list[int]:
+        vocab = served.route.group.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise TunesmithError(f"{where}: token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        return list(ids)
 
 
-def _consume(deltas: queue.Queue, cancelled: threading.Event) -> Iterator[StreamDelta]:
+def _deltas(events: queue.Queue, handle: RequestHandle) -> Iterator[StreamDelta]:
     try:
         while True:
-            item = deltas.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finish_reason:
-                return
+            event = events.get()
+            if isinstance(event, Failed):
+                raise GenerationFailed(event)
+            if isinstance(event, ChoiceUpdate) and event.index == 0:
+                yield StreamDelta(event.text, event.finish_reason, event.prompt_tokens, event.completion_tokens)
+                if event.finish_reason:
+                    return
     finally:
-        cancelled.set()
-
-
-def _sampling_generator(seed: int | None):
-    import torch
-
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()  # a fresh random seed; torch.Generator() alone always starts from the same one
-    else:
-        generator.manual_seed(seed)
-    return generator
-
-
-def _pick_token(logits, temperature: float, top_p: float | None, generator) -> int:
-    """Greedy when temperature is 0, else a sample from the temperature-scaled nucleus of `top_p`."""
-    import torch
-
-    if not temperature:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-    ranked, order = probs.sort(descending=True)
-    if top_p is not None and top_p < 1:
-        ranked = ranked * ((ranked.cumsum(0) - ranked) < top_p)  # always keeps the most likely token
-    return int(order[torch.multinomial(ranked, 1, generator=generator)])
-
-
-def _first_stop(text: str, stops: list[str]) -> int:
-    found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
-    return min(found, default=-1)
-
-
-def _emittable_length(text: str, stops: list[str]) -> int:
-    """How much of `text` is final: hold back an unfinished character and anything that may begin a stop string."""
-    end = len(text.rstrip("\ufffd"))  # an incomplete multi-byte character decodes as U+FFFD until it completes
-    head = text[:end]
-    held = max((k for stop in stops for k in range(1, min(len(stop), end + 1)) if head.endswith(stop[:k])),
-               default=0)
-    return end - held
+        handle.cancel()

@@ -18,11 +18,15 @@ class ChatMessage(BaseModel):
     @field_validator("content")
     @classmethod
     def _valid_unicode(cls, content: str) -> str:
-        try:
-            content.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"holds an unpaired surrogate at character {exc.start}; send valid Unicode text") from None
-        return content
+        return _check_unicode(content)
+
+
+def _check_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds an unpaired surrogate at character {exc.start}; send valid Unicode text") from None
+    return text
 
 
 class StreamOptions(BaseModel):
@@ -31,24 +35,63 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
-               "functions": (None, []), "function_call": (None, "none"), "logit_bias": (None, {}),
-               "response_format": (None, {"type": "text"})}
-"""Request fields this server cannot honour yet, with the values that ask for nothing."""
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = "answer"
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
 
 
-class ChatCompletionRequest(BaseModel):
-    """A chat completion request; fields the official client may add but we do not use are ignored."""
+class ResponseFormat(BaseModel):
+    """`text` (no constraint), `json_object` (any JSON object) or `json_schema` (an answer that matches it)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a `json_schema` object with a `schema`")
+        return self
+
+
+UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+               "function_call": (None, "none"), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+               "frequency_penalty": (None, 0, 0.0), "prediction": (None,), "audio": (None,),
+               "modalities": (None, ["text"]), "suffix": (None, ""), "web_search_options": (None,)}
+"""Request fields this server cannot honour, with the values that ask for nothing; anything else is a 400."""
+
+MAX_CHOICES = 16
+
+
+def _refuse_unsupported(raw):
+    """Options that would change the answer are refused, never silently ignored."""
+    if isinstance(raw, dict):
+        for name, harmless in UNSUPPORTED.items():
+            if name in raw and raw[name] not in harmless:
+                raise ValueError(f"`{name}` is not supported by this server; leave it out")
+    return raw
+
+
+def _valid_stop(stop):
+    if stop is not None and any(s == "" for s in ([stop] if isinstance(stop, str) else stop)):
+        raise ValueError("stop strings must not be empty")
+    return stop
+
+
+class SamplingFields(BaseModel):
+    """What chat and text completions share; fields the official client may add but we do not use are ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -57,35 +100,77 @@ class ChatCompletionRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _refuse_what_we_would_ignore(cls, raw):
-        """Options that would change the answer are refused, not silently ignored (the engine issue adds them)."""
-        if isinstance(raw, dict):
-            for name, harmless in UNSUPPORTED.items():
-                if name in raw and raw[name] not in harmless:
-                    raise ValueError(f"`{name}` is not supported by this server yet; leave it out")
-        return raw
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported; send separate requests for more choices")
-        return n
+        return _refuse_unsupported(raw)
 
     @field_validator("stop")
     @classmethod
     def _stop_strings_not_empty(cls, stop):
-        if stop is not None and any(s == "" for s in ([stop] if isinstance(stop, str) else stop)):
-            raise ValueError("stop strings must not be empty")
-        return stop
+        return _valid_stop(stop)
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """A chat completion request."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     def token_limit(self, default: int) -> int:
         """The most tokens to generate: `max_completion_tokens`, else `max_tokens`, else the server default."""
         return self.max_completion_tokens or self.max_tokens or default
 
-    def stop_strings(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(SamplingFields):
+    """A text completion request: a raw prompt (text, or token ids), no chat template."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _valid_unicode(cls, prompt):
+        for text in [prompt] if isinstance(prompt, str) else prompt:
+            if isinstance(text, str):
+                _check_unicode(text)
+        return prompt
+
+    @model_validator(mode="after")
+    def _plain_options(self):
+        if self.best_of not in (None, self.n):
+            raise ValueError("best_of is not supported; leave it out (or equal to n)")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt must not be empty")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs (the prompt's log-probabilities) is not supported; ask for one")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request (a list of strings or of token-id lists is several prompts)."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+    def token_limit(self, default: int) -> int:
+        return self.max_tokens or default
 
 
 class Usage(BaseModel):
@@ -99,15 +184,32 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobEntry] | None
+
+
+FinishReason = Literal["stop", "length"]
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    finish_reason: FinishReason
+    logprobs: ChoiceLogprobs | None = None
 
 
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+def completion_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def now() -> int:
@@ -131,8 +233,8 @@ class DeltaMessage(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    finish_reason: FinishReason | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -146,11 +248,43 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class TextLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per generated token."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top_logprobs: list[dict[str, float]] = []
+    text_offset: list[int] = []
+
+
+class TextChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: TextLogprobs | None = None
+
+
+class CompletionResponse(BaseModel):
+    """A text completion, whole or as one streamed chunk (`usage` only on the whole one or the last chunk)."""
+
+    id: str = Field(default_factory=lambda: completion_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[TextChoice]
+    usage: Usage | None = None
+
+
 class ModelCard(BaseModel):
+    """A served model as vLLM lists it: fine-tuned versions name their base as `parent`."""
+
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=now)
     owned_by: str = "tunesmith"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):

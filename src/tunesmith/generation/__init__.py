@@ -1,0 +1,1 @@
+"""The one generation engine behind serving and evaluation: continuous batching over a shared base model."""

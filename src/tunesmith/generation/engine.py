@@ -1,0 +1,356 @@
+"""Continuous batching: requests join and leave the running batch at every decode step.
+
+Each step (1) drops cancelled and overdue requests, (2) prefills waiting prompts in chunks of at most
+`prefill_chunk` tokens so running rows are never stalled for long, (3) decodes one token for every running row of
+every model group in one forward pass per group. A group is one model in memory: a base with any number of LoRA
+adapters (rows of different adapters share the pass; peft applies each adapter's A/B only to its rows), or a fully
+fine-tuned model of its own.
+
+Why not transformers' ContinuousBatchingManager: it takes one generation config for the whole batch and one set of
+weights, while a served batch mixes adapters, sampling settings, grammars and log-probability requests per row.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tunesmith.errors import TunesmithError
+from tunesmith.generation.constraints import mask_logits
+from tunesmith.generation.padded_batch import PaddedBatch, new_cache
+from tunesmith.generation.requests import ChoiceUpdate, Event, Failed, GenerationRequest, SamplingParams, TokenLogprob
+from tunesmith.generation.sampling import choose_tokens, seeded_generator, token_logprobs
+from tunesmith.generation.text_stream import TextStream
+
+
+class EngineBusy(TunesmithError):
+    """The waiting queue is full: the caller should retry after `retry_after` seconds (a 429 in the API)."""
+
+    def __init__(self, waiting: int, retry_after: int):
+        super().__init__(f"the server is busy ({waiting} requests waiting); retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class EngineClosed(TunesmithError):
+    """The engine is shutting down and takes no new requests (a 503 in the API)."""
+
+
+class ModelGroup:
+    """One model in memory and the rows it is decoding; `mixes_adapters` when it is a PeftModel whose rows may each
+    use a different adapter (or none)."""
+
+    def __init__(self, model, mixes_adapters: bool):
+        self.model, self.mixes_adapters = model, mixes_adapters
+        self.device = next(model.parameters()).device
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        new_cache(model)  # refuses cache layouts the padded batch cannot handle, at load time
+        self.batch = PaddedBatch()
+        self.rows: list[_Row] = []
+
+    def forward(self, input_ids, adapters: list[str | None], **kwargs):
+        if self.mixes_adapters:
+            kwargs["adapter_names"] = [name or "__base__" for name in adapters]
+        return self.model(input_ids=input_ids, use_cache=True, **kwargs)
+
+
+@dataclass
+class Route:
+    """How one served name generates: its model group, its adapter there (None: the group's model as it is), the
+    tokens that end its turn, and a tokenizer owned by the engine thread for decoding."""
+
+    group: ModelGroup
+    adapter: str | None
+    stop_ids: frozenset[int]
+    decoder: object  # tokenizers.Tokenizer
+
+    def describe(self, token: int) -> tuple[str, list[int]]:
+        text = self.decoder.decode([token], skip_special_tokens=False)
+        return text, list(text.encode("utf-8", "surrogatepass"))
+
+
+class RequestHandle:
+    """A submitted request; `cancel()` frees its rows at the next step (a client that walked away)."""
+
+    def __init__(self, request: GenerationRequest, emit: Callable[[Event], None], wake: Callable[[], None]):
+        self.request, self._emit, self._wake = request, emit, wake
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._wake()
+
+    def emit(self, event: Event) -> None:
+        try:
+            self._emit(event)
+        except Exception:  # the listener is gone (closed loop, dropped queue): stop generating for it
+            self.cancelled = True
+
+    @property
+    def overdue(self) -> bool:
+        return self.request.deadline is not None and time.monotonic() > self.request.deadline
+
+
+@dataclass
+class _Pending:
+    """A request whose prompt is being prefilled into its own cache."""
+
+    handle: RequestHandle
+    route: Route
+    cache: object
+    done: int = 0
+
+
+@dataclass
+class _Row:
+    """One choice being decoded."""
+
+    handle: RequestHandle
+    index: int
+    route: Route
+    stream: TextStream
+    generator: object
+    matcher: object | None
+    prompt_tokens: int
+    produced: int = 0
+    last_token: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.handle.request.params
+
+    def accept(self, token: int, logprob: TokenLogprob | None) -> bool:
+        """Take the chosen token, tell the listener what became final; True when this choice has finished."""
+        self.produced += 1
+        self.last_token = token
+        reason = None
+        if self.matcher is not None:
+            self.matcher.consume_token(token)
+        if token in self.route.stop_ids:
+            reason = "stop"
+        else:
+            if logprob is not None:
+                self.logprobs.append(logprob)
+            if self.stream.push(token) or (self.matcher is not None and self.matcher.is_stopped()):
+                reason = "stop"
+        if reason is None and self.produced >= self.params.max_tokens:
+            reason = "length"
+        text = self.stream.take_rest() if reason else self.stream.take_ready()
+        if text or reason:  # log-probabilities of tokens that made no text yet travel with the next text
+            self.handle.emit(ChoiceUpdate(self.index, text, reason, self.prompt_tokens, self.produced,
+                                          tuple(self.logprobs)))
+            self.logprobs = []
+        return reason is not None
+
+
+class BatchingEngine:
+    """Serves `routes` (served name -> Route): `submit` from any thread, `start()` a decoding thread, or
+    `run_until_done()` in the caller's thread (evaluation)."""
+
+    def __init__(self, routes: dict[str, Route], max_batch: int = 32, max_waiting: int = 64,
+                 prefill_chunk: int = 256):
+        self.routes = routes
+        self.groups = list({id(route.group): route.group for route in routes.values()}.values())
+        self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
+        self._waiting: deque[RequestHandle] = deque()
+        self._prefilling: _Pending | None = None
+        self._wakeup = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = self._stopping = False
+
+    # --- callers -------------------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> RequestHandle:
+        """Queue a request; events reach `emit` from the engine thread. Raises EngineBusy or EngineClosed."""
+        if request.model not in self.routes:
+            raise TunesmithError(f"model {request.model!r} is not served here")
+        handle = RequestHandle(request, emit, self._wake)
+        with self._wakeup:
+            if self._closed:
+                raise EngineClosed("the server is shutting down; send the request to another replica or retry later")
+            if len(self._waiting) >= self.max_waiting:
+                raise EngineBusy(len(self._waiting), retry_after=max(1, len(self._waiting) // max(1, self.max_batch)))
+            self._waiting.append(handle)
+            self._wakeup.notify()
+        return handle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Take no new requests; those already in keep going."""
+        with self._wakeup:
+            self._closed = True
+
+    def stop(self) -> None:
+        """Stop the decoding thread (what is still running gets no more events)."""
+        self.close()
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def run_until_done(self) -> None:
+        """Decode in the caller's thread until every submitted request has finished."""
+        while self.has_work():
+            self.step()
+
+    @property
+    def running(self) -> int:
+        return sum(len(group.rows) for group in self.groups) + (self._prefilling is not None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or any(group.rows for group in self.groups))
+
+    # --- the loop ------------------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._wakeup:
+            self._wakeup.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self.has_work() and not self._stopping:
+                    self._wakeup.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    def step(self) -> None:
+        """Drop what was cancelled, prefill within the budget, then one decode pass per busy group."""
+        import torch
+
+        with torch.inference_mode():
+            self._drop_cancelled()
+            try:
+                self._prefill()
+            except Exception as exc:  # our bug or out of memory: that request fails, the engine goes on
+                self._fail_pending(exc)
+            for group in self.groups:
+                if group.rows:
+                    try:
+                        self._decode(group)
+                    except Exception as exc:
+                        self._fail_group(group, exc)
+
+    def _drop_cancelled(self) -> None:
+        for group in self.groups:
+            keep = [i for i, row in enumerate(group.rows) if not self._gone(row.handle)]
+            if len(keep) < len(group.rows):
+                group.batch.keep(keep)
+                group.rows = [group.rows[i] for i in keep]
+        if self._prefilling is not None and self._gone(self._prefilling.handle):
+            self._prefilling = None
+        with self._wakeup:
+            for handle in [h for h in self._waiting if self._gone(h)]:
+                self._waiting.remove(handle)
+
+    def _gone(self, handle: RequestHandle) -> bool:
+        if handle.cancelled:
+            return True
+        if handle.overdue:
+            handle.cancelled = True
+            handle.emit(Failed("deadline", "the request did not finish before its deadline; retry, or ask for fewer "
+                                           "tokens"))
+            return True
+        return False
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        while True:
+            if self._prefilling is None:
+                self._prefilling = self._admit()
+                if self._prefilling is None:
+                    return
+            idle = not any(group.rows for group in self.groups)  # nobody to stall: finish the prompt
+            if budget <= 0 and not idle:
+                return
+            budget -= self._prefill_some(self._prefilling, max(budget, self.prefill_chunk if idle else 0))
+
+    def _admit(self) -> _Pending | None:
+        running = sum(len(group.rows) for group in self.groups)
+        with self._wakeup:
+            if not self._waiting or running + self._waiting[0].request.n > self.max_batch:
+                return None
+            handle = self._waiting.popleft()
+        route = self.routes[handle.request.model]
+        return _Pending(handle, route, new_cache(route.group.model))
+
+    def _prefill_some(self, pending: _Pending, budget: int) -> int:
+        import torch
+
+        prompt, route = pending.handle.request.prompt_ids, pending.route
+        chunk = prompt[pending.done:pending.done + max(1, budget)]
+        ids = torch.tensor([chunk], dtype=torch.long, device=route.group.device)
+        output = route.group.forward(ids, [route.adapter], past_key_values=pending.cache, logits_to_keep=1)
+        pending.done += len(chunk)
+        if pending.done == len(prompt):
+            self._prefilling = None
+            self._start_rows(pending, output.logits[0, -1])
+        return len(chunk)
+
+    def _start_rows(self, pending: _Pending, logits_row) -> None:
+        """The prompt is in the cache: choose each choice's first token, then the unfinished choices join the batch."""
+        request, route, group = pending.handle.request, pending.route, pending.route.group
+        rows = [self._new_row(pending.handle, route, index) for index in range(request.n)]
+        finished = self._choose_and_accept(rows, logits_row.unsqueeze(0).expand(len(rows), -1))
+        survivors = [row for row, done in zip(rows, finished) if not done]
+        if survivors:
+            group.batch.add(pending.cache, len(request.prompt_ids), repeats=len(survivors))
+            group.rows.extend(survivors)
+
+    def _new_row(self, handle: RequestHandle, route: Route, index: int) -> _Row:
+        request = handle.request
+        seed = None if request.params.seed is None else request.params.seed + index
+        return _Row(handle, index, route, TextStream(route.decoder, request.params.stop),
+                    seeded_generator(seed, route.group.device) if request.params.temperature else None,
+                    request.constraint() if request.constraint else None, len(request.prompt_ids))
+
+    def _decode(self, group: ModelGroup) -> None:
+        import torch
+
+        inputs = group.batch.step_inputs()
+        ids = torch.tensor([[row.last_token] for row in group.rows], dtype=torch.long, device=group.device)
+        output = group.forward(ids, [row.route.adapter for row in group.rows], **inputs)
+        group.batch.advance()
+        finished = self._choose_and_accept(group.rows, output.logits[:, -1])
+        if any(finished):
+            keep = [i for i, done in enumerate(finished) if not done]
+            group.batch.keep(keep)
+            group.rows = [group.rows[i] for i in keep]
+
+    def _choose_and_accept(self, rows: list[_Row], logits) -> list[bool]:
+        """Pick a token for every row (grammar-masked where asked), hand each to its row; which rows finished."""
+        matchers = [row.matcher for row in rows]
+        chosen_from = logits
+        if any(m is not None for m in matchers):
+            chosen_from = logits.float().clone()
+            mask_logits(chosen_from, matchers)
+        tokens = choose_tokens(chosen_from, [row.params.temperature for row in rows],
+                               [row.params.top_p for row in rows], [row.generator for row in rows])
+        finished = []
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            top = row.params.logprobs
+            logprob = None if top is None else token_logprobs(logits[i], token, top, row.route.describe)
+            finished.append(row.accept(token, logprob))
+        return finished
+
+    def _fail_pending(self, exc: Exception) -> None:
+        if self._prefilling is not None:
+            self._prefilling.handle.emit(Failed("error", f"generation failed: {type(exc).__name__}: {exc}"))
+            self._prefilling = None
+
+    def _fail_group(self, group: ModelGroup, exc: Exception) -> None:
+        for handle in {id(row.handle): row.handle for row in group.rows}.values():
+            handle.emit(Failed("error", f"generation failed: {type(exc).__name__}: {exc}"))
+        group.rows, group.batch = [], PaddedBatch()

@@ -6,7 +6,7 @@ import json
 
 from tunesmith.config import load_config
 from tunesmith.data.prepare import prepare
-from tunesmith.evaluate.generate import Generation, _decode
+from tunesmith.evaluate.generate import Generation
 from tunesmith.evaluate.metrics import is_exact_match, score_generations
 from tunesmith.evaluate.run import evaluate_run
 from tunesmith.models import load_tokenizer
@@ -28,16 +28,6 @@ def test_scores_count_valid_json_and_stops():
     assert scores["exact_match"] == 0.25
     assert scores["json_valid"] == 0.5  # a JSON array is not an object
     assert scores["stop_rate"] == 0.75
-
-
-def test_decode_stops_at_the_first_end_of_turn_token(tiny_model_dir):
-    tokenizer = load_tokenizer(tiny_model_dir)
-    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    words = tokenizer("hello world", add_special_tokens=False)["input_ids"]
-    stopped = _decode(tokenizer, words + [eot] + words, [eot])
-    assert (stopped.text, stopped.stopped, stopped.new_tokens) == ("hello world", True, len(words) + 1)
-    ran_on = _decode(tokenizer, words, [eot])
-    assert (ran_on.stopped, ran_on.new_tokens) == (False, len(words))
 
 
 def test_evaluate_writes_a_side_by_side_report(tiny_config):

@@ -41,5 +41,5 @@ def serve_command(references: list[str], config: Path | None, base: bool | None,
     if engine == "llamacpp":
         from tunesmith.serve.llamacpp_command import launch_llama_server
 
-        return launch_llama_server(targets, host, port)
+        return launch_llama_server(targets, host, port, serve_base)
     raise TunesmithError(f"--engine {engine}: unknown; use native, vllm or llamacpp")

@@ -49,10 +49,19 @@ class ModelGroup:
         new_cache(model)  # refuses cache layouts the padded batch cannot handle, at load time
         self.batch = PaddedBatch()
         self.rows: list[_Row] = []
+        self._active: str | None = None
 
     def forward(self, input_ids, adapters: list[str | None], **kwargs):
         if self.mixes_adapters:
-            kwargs["adapter_names"] = [name or "__base__" for name in adapters]
+            distinct = set(adapters)
+            if len(distinct) == 1 and None not in distinct:
+                # Every row wants one adapter: peft's plain path, without per-row gathers and scatters.
+                (only,) = distinct
+                if self._active != only:
+                    self.model.set_adapter(only)
+                    self._active = only
+            else:
+                kwargs["adapter_names"] = [name or "__base__" for name in adapters]
         return self.model(input_ids=input_ids, use_cache=True, **kwargs)
 
 

@@ -13,18 +13,21 @@ class TextStream:
         self._tokenizer = tokenizer  # a `tokenizers.Tokenizer` owned by the engine thread
         self._decoder = DecodeStream(skip_special_tokens=True)
         self._stops = stops
+        self._tokens: list[int] = []
+        self._cut = False
         self.text = ""
         self._released = 0
 
     def push(self, token: int) -> bool:
         """Add a token; True when the text now contains a stop string (the text is cut just before it)."""
+        self._tokens.append(token)
         piece = self._decoder.step(self._tokenizer, token)
         if not piece:
             return False
         self.text += piece
         cut = _first_stop(self.text, self._stops)
         if cut >= 0:
-            self.text = self.text[:cut]
+            self.text, self._cut = self.text[:cut], True
             return True
         return False
 
@@ -36,7 +39,12 @@ class TextStream:
         return piece
 
     def take_rest(self) -> str:
-        """Everything not yet released (the choice has finished)."""
+        """Everything not yet released (the choice has finished), with a trailing incomplete character decoded as
+        U+FFFD the way a whole-text decode shows it."""
+        if not self._cut:
+            whole = self._tokenizer.decode(self._tokens, skip_special_tokens=True)
+            if whole.startswith(self.text):
+                self.text = whole
         piece, self._released = self.text[self._released:], len(self.text)
         return piece
 

@@ -28,7 +28,7 @@ def tiny(tiny_model_dir):
 def make_engine(model, tokenizer, **settings) -> BatchingEngine:
     from tokenizers import Tokenizer
 
-    route = Route(ModelGroup(model, mixes_adapters=False), None, frozenset(end_of_turn_token_ids(tokenizer)),
+    route = Route(ModelGroup(model), None, frozenset(end_of_turn_token_ids(tokenizer)),
                   Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()))
     return BatchingEngine({"tiny": route}, **settings)
 

@@ -28,7 +28,7 @@ def generate_batched(model, tokenizer, conversations: list[list[dict]], stop_ids
 
     tools = tools or [None] * len(conversations)
     prompts = [generation_prompt_ids(tokenizer, messages, offered) for messages, offered in zip(conversations, tools)]
-    route = Route(ModelGroup(model, mixes_adapters=False), None, frozenset(stop_ids),
+    route = Route(ModelGroup(model), None, frozenset(stop_ids),
                   Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()))
     engine = BatchingEngine({"model": route}, max_batch=batch_size, max_waiting=len(prompts) + 1,
                             prefill_chunk=PREFILL_CHUNK)

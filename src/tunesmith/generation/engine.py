@@ -3,8 +3,7 @@
 Each step (1) drops cancelled and overdue requests, (2) prefills waiting prompts in chunks of at most
 `prefill_chunk` tokens so running rows are never stalled for long, (3) decodes one token for every running row of
 every model group in one forward pass per group. A group is one model in memory: a base with any number of LoRA
-adapters (rows of different adapters share the pass; peft applies each adapter's A/B only to its rows), or a fully
-fine-tuned model of its own.
+adapters (rows of different adapters share the pass, see `multi_lora`), or a fully fine-tuned model of its own.
 
 Why not transformers' ContinuousBatchingManager: it takes one generation config for the whole batch and one set of
 weights, while a served batch mixes adapters, sampling settings, grammars and log-probability requests per row.
@@ -39,29 +38,20 @@ class EngineClosed(TunesmithError):
 
 
 class ModelGroup:
-    """One model in memory and the rows it is decoding; `mixes_adapters` when it is a PeftModel whose rows may each
-    use a different adapter (or none)."""
+    """One model in memory and the rows it is decoding. With `adapter_rows` (a model whose adapters were stacked
+    by `multi_lora.stack_adapters`) each row may use a different adapter, or none."""
 
-    def __init__(self, model, mixes_adapters: bool):
-        self.model, self.mixes_adapters = model, mixes_adapters
+    def __init__(self, model, adapter_rows=None):
+        self.model, self.adapter_rows = model, adapter_rows
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         new_cache(model)  # refuses cache layouts the padded batch cannot handle, at load time
         self.batch = PaddedBatch()
         self.rows: list[_Row] = []
-        self._active: str | None = None
 
     def forward(self, input_ids, adapters: list[str | None], **kwargs):
-        if self.mixes_adapters:
-            distinct = set(adapters)
-            if len(distinct) == 1 and None not in distinct:
-                # Every row wants one adapter: peft's plain path, without per-row gathers and scatters.
-                (only,) = distinct
-                if self._active != only:
-                    self.model.set_adapter(only)
-                    self._active = only
-            else:
-                kwargs["adapter_names"] = [name or "__base__" for name in adapters]
+        if self.adapter_rows is not None:
+            self.adapter_rows.select(adapters, self.device)
         return self.model(input_ids=input_ids, use_cache=True, **kwargs)
 
 

@@ -1,5 +1,6 @@
-"""Load what a server serves: one copy of each base model, every LoRA version as an adapter on it, fully fine-tuned
-(and DoRA) versions as models of their own."""
+"""Load what a server serves: one copy of each base model carrying every LoRA version on it (stacked, so rows of
+different versions share a batch), fully fine-tuned versions (and adapters that cannot be stacked, such as DoRA) as
+models of their own."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 from tunesmith.data.template import end_of_turn_token_ids
 from tunesmith.errors import TunesmithError
 from tunesmith.generation.engine import ModelGroup, Route
+from tunesmith.generation.multi_lora import stack_adapters, unsupported_reason
 from tunesmith.models import attach_adapter, load_model, load_tokenizer
 from tunesmith.serve.targets import ServedTarget
 
@@ -22,84 +24,95 @@ class ServedModel:
     parent: str | None
     root: str
     context_length: int | None
+    note: str = ""
+    """Why it decodes on a model of its own, when it is an adapter that could not share its base."""
 
 
 def load_served_models(targets: list[ServedTarget], serve_base: bool = True,
                        device: str | None = None) -> dict[str, ServedModel]:
-    """Every target (and, with `serve_base`, each base under its own name), weights verified, templates checked;
-    the adapters of one base share one copy of it."""
+    """Every trained target (and each base under its own name, with `serve_base` or for untrained targets),
+    weights verified, chat templates checked; the LoRA versions of one base share one copy of it."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    trained = [target for target in targets if target.run.is_trained]
+    for target in trained:
+        _check_weights(target)
+    tokenizers = {target.name: _checked_tokenizer(target) for target in trained}
+    bases = {t.base_key for t in targets if serve_base or not t.run.is_trained or t.is_adapter}
+    placed = {}
+    for base_key in sorted(bases):
+        adapters = [t for t in trained if t.is_adapter and t.base_key == base_key]
+        placed.update(_share_base(base_key, adapters, device))
     served: dict[str, ServedModel] = {}
-    shared: dict[str, ModelGroup] = {}
-    for target in targets:
-        if not target.run.is_trained:
-            continue  # nothing of its own: served as its base, below
-        group, adapter = _place(target, shared, device)
-        source = target.run.weights_dir
-        tokenizer = load_tokenizer(source)
-        target.run.check_template(tokenizer, whose=f"the model in {source}")
-        served[target.name] = _served(target.name, group, adapter, tokenizer, target.base_name, str(target.run_dir))
+    for target in trained:
+        if target.name not in placed:  # fully fine-tuned
+            placed[target.name] = (ModelGroup(load_model(target.run.weights_dir).to(device)), None, "")
+        group, adapter, note = placed[target.name]
+        served[target.name] = _served(target.name, group, adapter, tokenizers[target.name], target.base_name,
+                                      str(target.run_dir), note)
     for target in targets:
         if serve_base or not target.run.is_trained:
-            _serve_base(target, served, shared, device)
+            _serve_base(target, served, placed[("base", target.base_key)][0])
     return served
 
 
-def _serve_base(target: ServedTarget, served: dict[str, ServedModel], shared: dict[str, ModelGroup],
-                device: str) -> None:
-    if any(model.root == target.base_key and model.parent is None for model in served.values()):
-        return  # this base is served already
-    name = target.base_name if target.base_name not in served else target.base_name + "-base"
-    group = shared.get(target.base_key) or _shared_group(target.base_key, shared, device)
-    served[name] = _served(name, group, None, load_tokenizer(target.base_key), None, target.base_key)
-
-
-def _place(target: ServedTarget, shared: dict[str, ModelGroup], device: str) -> tuple[ModelGroup, str | None]:
-    """The group a target decodes in and its adapter name there."""
+def _check_weights(target: ServedTarget) -> None:
     run = target.run
     run.verify_weights()
     marker = "config.json" if run.is_full_fine_tune else "adapter_config.json"
     if not (run.weights_dir / marker).is_file():
         raise TunesmithError(f"{run.weights_dir}: no {marker}; re-run `tunesmith train` for this run")
-    if run.is_full_fine_tune:
-        return ModelGroup(load_model(run.weights_dir).to(device), mixes_adapters=False), None
-    if _uses_dora(run.weights_dir):
-        # peft cannot mix DoRA rows with others in one batch: this version decodes on a base copy of its own.
-        own = attach_adapter(load_model(target.base_key), run.weights_dir, "own").to(device)
-        return ModelGroup(own, mixes_adapters=False), None
-    group = shared.get(target.base_key) or _shared_group(target.base_key, shared, device)
-    adapter = f"served{len(group.model.peft_config) if hasattr(group.model, 'peft_config') else 0}"
-    model = attach_adapter(group.model, run.weights_dir, adapter).to(device)
-    model.eval()
-    if model is not group.model:  # the first adapter turned the plain base into a PeftModel
-        _replace_model(group, model, shared, target.base_key)
-    return group, adapter
 
 
-def _shared_group(base_key: str, shared: dict[str, ModelGroup], device: str) -> ModelGroup:
-    shared[base_key] = ModelGroup(load_model(base_key).to(device), mixes_adapters=False)
-    return shared[base_key]
+def _checked_tokenizer(target: ServedTarget):
+    # The trained folder holds the tokenizer training used, so the template is exactly the trained one.
+    tokenizer = load_tokenizer(target.run.weights_dir)
+    target.run.check_template(tokenizer, whose=f"the model in {target.run.weights_dir}")
+    return tokenizer
 
 
-def _replace_model(group: ModelGroup, model, shared: dict[str, ModelGroup], base_key: str) -> None:
-    group.model, group.mixes_adapters = model, True
-    shared[base_key] = group
+def _share_base(base_key: str, adapters: list[ServedTarget], device: str) -> dict:
+    """One copy of the base with every stackable adapter on it; an adapter that cannot be stacked gets a copy of its
+    own. Keys: served names, and ("base", base_key) for the shared base itself."""
+    placed, stackable, peft_model = {}, [], None
+    for index, target in enumerate(adapters):
+        name = f"served{index}"
+        peft_model = attach_adapter(peft_model or load_model(base_key), target.run.weights_dir, name)
+        reason = unsupported_reason(peft_model, name)
+        if reason:
+            peft_model.delete_adapter(name)
+            own = attach_adapter(load_model(base_key), target.run.weights_dir, "own").to(device)
+            placed[target.name] = (ModelGroup(own), None, f"decodes on a base copy of its own: {reason}")
+        else:
+            stackable.append((target, name))
+    if peft_model is not None and stackable:
+        model, rows = stack_adapters(peft_model, [name for _, name in stackable])
+        group = ModelGroup(model.to(device), adapter_rows=rows)
+        for target, name in stackable:
+            placed[target.name] = (group, name, "")
+    else:  # no adapter shares this base (those that tried got copies of their own)
+        group = ModelGroup(load_model(base_key).to(device))
+    placed[("base", base_key)] = (group, None, "")
+    return placed
 
 
-def _uses_dora(adapter_dir) -> bool:
-    import json
+def _serve_base(target: ServedTarget, served: dict[str, ServedModel], group: ModelGroup) -> None:
+    if any(model.root == target.base_key and model.parent is None for model in served.values()):
+        return  # this base is served already
+    name = target.base_name if target.base_name not in served else target.base_name + "-base"
+    tokenizer = load_tokenizer(target.base_key)
+    if not target.run.is_trained:
+        target.run.check_template(tokenizer, whose=f"the model in {target.base_key}")
+    served[name] = _served(name, group, None, tokenizer, None, target.base_key)
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    return bool(config.get("use_dora"))
 
-
-def _served(name: str, group: ModelGroup, adapter: str | None, tokenizer, parent, root: str) -> ServedModel:
+def _served(name: str, group: ModelGroup, adapter: str | None, tokenizer, parent, root: str,
+            note: str = "") -> ServedModel:
     from tokenizers import Tokenizer
 
     stops = frozenset(end_of_turn_token_ids(tokenizer))
     decoder = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # the engine thread's own copy
     route = Route(group, adapter, stops, decoder)
     context = getattr(group.model.config, "max_position_embeddings", None)
-    return ServedModel(name, route, tokenizer, parent, root, context)
+    return ServedModel(name, route, tokenizer, parent, root, context, note)

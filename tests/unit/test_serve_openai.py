@@ -1,0 +1,182 @@
+"""Two fine-tuned versions on one shared tiny base, served together: the OpenAI surface the official client calls
+(n, logprobs, json_schema, text completions), mixed batches, freed slots, a full queue, a graceful drain."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from conftest import make_trained_run, serving_on_loopback
+
+from tunesmith.serve.app import build_app
+from tunesmith.serve.engine import ServingEngine
+from tunesmith.serve.protocol import ChatCompletionRequest
+
+PROMPT = [{"role": "user", "content": "Send 3 blue mug to Denver (ref 7)"}]
+SCHEMA = {"type": "object", "properties": {"item": {"enum": ["mug", "hat"]}, "quantity": {"type": "integer"}},
+          "required": ["item", "quantity"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("two-versions")
+    return [make_trained_run(root / name, tiny_model_dir, name, seed, steps=6)
+            for name, seed in (("alpha", 1), ("beta", 2))]
+
+
+@pytest.fixture(scope="module")
+def engine(runs):
+    return ServingEngine.from_references([str(run) for run in runs], default_max_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def server_url(engine):
+    with serving_on_loopback(build_app(engine)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server_url):
+    return openai.OpenAI(base_url=f"{server_url}/v1", api_key="x", max_retries=0)
+
+
+def test_versions_share_one_base_and_list_it_as_their_parent(client, engine, tiny_model_dir):
+    cards = {model.id: model for model in client.models.list()}
+    assert list(cards) == ["alpha", "beta", tiny_model_dir.name]
+    assert cards["alpha"].parent == cards["beta"].parent == tiny_model_dir.name and cards[tiny_model_dir.name].parent is None
+    groups = {id(engine.models[name].route.group.model) for name in cards}
+    assert len(groups) == 1  # one copy of the base carries both adapters
+
+
+def test_rows_of_different_versions_in_one_batch_answer_as_they_do_alone(engine, tiny_model_dir):
+    names = ["alpha", "beta", tiny_model_dir.name]
+    requests = [ChatCompletionRequest(model=name, messages=PROMPT, max_tokens=10) for name in names]
+    alone = [engine.generate(request).text for request in requests]
+    assert len(set(alone)) == 3  # the versions really differ
+    streams = [engine.stream(request) for request in requests * 3]  # nine rows decoded together
+    together = ["".join(delta.text for delta in stream) for stream in streams]
+    assert together == alone * 3
+
+
+def test_n_choices_with_a_seed_repeat_and_differ(client):
+    request = dict(model="alpha", messages=PROMPT, max_tokens=8, temperature=1.5, seed=11, n=3)
+    first, again = (client.chat.completions.create(**request) for _ in range(2))
+    texts = [choice.message.content for choice in first.choices]
+    assert [choice.index for choice in first.choices] == [0, 1, 2]
+    assert texts == [choice.message.content for choice in again.choices] and len(set(texts)) > 1
+    assert first.usage.completion_tokens > len(texts)
+
+
+def test_logprobs_come_back_for_every_token_with_ranked_alternatives(client):
+    reply = client.chat.completions.create(model="beta", messages=PROMPT, max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert content and len(content) <= reply.usage.completion_tokens
+    for entry in content:
+        ranked = [alt.logprob for alt in entry.top_logprobs]
+        assert len(ranked) == 3 and ranked == sorted(ranked, reverse=True)
+        assert entry.logprob == pytest.approx(ranked[0], abs=1e-4)  # greedy picks the most likely token
+
+
+def test_json_schema_answers_always_parse_and_match(client):
+    """The tiny model cannot write JSON on its own: under `strict` json_schema every answer still validates."""
+    for seed in range(4):
+        reply = client.chat.completions.create(
+            model="alpha", messages=PROMPT, max_tokens=40, temperature=1.0, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "order", "schema": SCHEMA, "strict": True}})
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMA)
+    anything = client.chat.completions.create(model="beta", messages=PROMPT, max_tokens=40,
+                                              response_format={"type": "json_object"})
+    if anything.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+def test_text_completions_take_text_or_token_ids_and_stream_usage(client, engine):
+    whole = client.completions.create(model="alpha", prompt="Order 5 pens", max_tokens=6, temperature=0, echo=True)
+    assert whole.object == "text_completion" and whole.choices[0].text.startswith("Order 5 pens")
+    ids = engine.models["alpha"].tokenizer("Order 5 pens", split_special_tokens=True)["input_ids"]
+    by_ids = client.completions.create(model="alpha", prompt=ids, max_tokens=6, temperature=0)
+    assert "Order 5 pens" + by_ids.choices[0].text == whole.choices[0].text
+    chunks = list(client.completions.create(model="alpha", prompt=["a", "b"], max_tokens=4, stream=True,
+                                            stream_options={"include_usage": True}, logprobs=2))
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+    assert chunks[-1].usage.completion_tokens > 0 and not chunks[-1].choices
+    spelled = client.completions.create(model="alpha", prompt="<|im_end|>", max_tokens=1)
+    assert spelled.usage.prompt_tokens > 1  # user text spelling a control token stays text
+
+
+def test_clients_that_walk_away_mid_stream_free_their_slots(server_url, engine):
+    body = {"model": "beta", "messages": PROMPT, "max_tokens": 400, "stream": True}
+    for _ in range(6):
+        with httpx.stream("POST", f"{server_url}/v1/chat/completions", json=body, timeout=30) as response:
+            next(response.iter_lines())  # the role chunk arrived; then the client hangs up
+    deadline = time.monotonic() + 20
+    while engine.batching.running and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine.batching.running == 0 and engine.batching.waiting == 0
+    assert httpx.post(f"{server_url}/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2}).status_code == 200
+
+
+def test_a_full_queue_answers_429_with_retry_after(runs):
+    engine = ServingEngine.from_references([str(runs[0])], serve_base=False, max_batch=1, max_waiting=1)
+    statuses, headers = [], []
+    with serving_on_loopback(build_app(engine)) as url:
+        def one():
+            reply = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                               json={"model": "alpha", "messages": PROMPT, "max_tokens": 300})
+            statuses.append(reply.status_code)
+            headers.append(reply.headers.get("retry-after"))
+
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert 429 in statuses and 200 in statuses and set(statuses) <= {200, 429}
+    assert all(int(h) >= 1 for s, h in zip(statuses, headers) if s == 429)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_sigterm_finishes_the_streams_in_flight_then_exits(runs):
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", str(runs[0]), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"model": "alpha", "messages": PROMPT, "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            first = next(lines)
+            server.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert first.startswith("data: ") and rest[-1] == "data: [DONE]"
+        finish = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest[:-1]
+                  if json.loads(line[6:]).get("choices")]
+        assert finish[-1] in {"stop", "length"}  # the answer ran to its end, not cut by the shutdown
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+        assert "Traceback" not in server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()

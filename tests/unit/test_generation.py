@@ -33,8 +33,11 @@ def make_engine(model, tokenizer, **settings) -> BatchingEngine:
     return BatchingEngine({"tiny": route}, **settings)
 
 
+SYSTEM = "You extract the order from the customer's message and reply with JSON only: item, quantity, city."
+
+
 def prompt(tokenizer, text: str) -> list[int]:
-    return generation_prompt_ids(tokenizer, [{"role": "user", "content": text}])
+    return generation_prompt_ids(tokenizer, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}])
 
 
 def run(engine: BatchingEngine, requests: list[GenerationRequest]) -> list[list]:
@@ -74,6 +77,7 @@ def test_rows_joining_and_leaving_mid_flight_answer_as_they_do_alone(tiny):
         assert last.prompt_tokens == len(request.prompt_ids)
         assert text_of(got) == greedy_alone(model, tokenizer, request.prompt_ids, request.params.max_tokens)
     assert engine.running == 0 and not engine.has_work()
+    assert engine.prefixes.reused_tokens > 0  # the template's shared start was computed once, then reused
 
 
 def test_choices_share_one_prefill_and_seeds_repeat(tiny):
@@ -136,7 +140,7 @@ def test_a_json_schema_constraint_always_yields_a_matching_answer(tiny):
     from tunesmith.generation.constraints import GrammarCompiler
 
     model, tokenizer = tiny
-    schema = {"type": "object", "properties": {"item": {"enum": ["mug", "hat"]}, "quantity": {"type": "integer"}},
+    schema = {"type": "object", "properties": {"item": {"enum": ["mug", "hat"]}, "quantity": {"type": "integer", "minimum": 1, "maximum": 99}},
               "required": ["item", "quantity"], "additionalProperties": False}
     compiler = GrammarCompiler(tokenizer, model.get_output_embeddings().weight.shape[0])
     engine = make_engine(model, tokenizer)

@@ -23,7 +23,7 @@ from tunesmith.serve.engine import ServingEngine
 from tunesmith.serve.protocol import ChatCompletionRequest
 
 PROMPT = [{"role": "user", "content": "Send 3 blue mug to Denver (ref 7)"}]
-SCHEMA = {"type": "object", "properties": {"item": {"enum": ["mug", "hat"]}, "quantity": {"type": "integer"}},
+SCHEMA = {"type": "object", "properties": {"item": {"enum": ["mug", "hat"]}, "quantity": {"type": "integer", "minimum": 1, "maximum": 99}},
           "required": ["item", "quantity"], "additionalProperties": False}
 
 
@@ -180,3 +180,29 @@ def test_sigterm_finishes_the_streams_in_flight_then_exits(runs):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_both_ways_of_mixing_adapters_compute_the_same_update(engine, tiny_model_dir):
+    """Few adapters: one dense product over all of them, masked per row; many: per-row gathers. Same logits."""
+    import torch
+
+    group = engine.models["alpha"].route.group
+    layers = [m for m in group.model.modules() if hasattr(m, "dense_mix")]
+    ids = torch.tensor([[5, 6, 7]] * 3)
+    names = ["alpha", None, "beta"]
+    with torch.inference_mode():
+        logits = []
+        for dense in (True, False):
+            for layer in layers:
+                layer.dense_mix = dense
+            group.adapter_rows.select(names, ids.device)
+            logits.append(group.model(input_ids=ids).logits)
+        for layer in layers:
+            layer.dense_mix = True
+        alone = []
+        for name in names:
+            group.adapter_rows.select([name], ids.device)
+            alone.append(group.model(input_ids=ids[:1]).logits[0])
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[0], torch.stack(alone), rtol=1e-4, atol=1e-4)
+    assert (logits[0][0] - logits[0][1]).abs().max() > 1e-3  # the adapter changed row 0

@@ -20,6 +20,7 @@ from typing import Callable
 from tunesmith.errors import TunesmithError
 from tunesmith.generation.constraints import mask_logits
 from tunesmith.generation.padded_batch import PaddedBatch, new_cache
+from tunesmith.generation.prefix_cache import PrefixCache
 from tunesmith.generation.requests import ChoiceUpdate, Event, Failed, GenerationRequest, SamplingParams, TokenLogprob
 from tunesmith.generation.sampling import choose_tokens, seeded_generator, token_logprobs
 from tunesmith.generation.text_stream import TextStream
@@ -159,6 +160,7 @@ class BatchingEngine:
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = self._stopping = False
+        self.prefixes = PrefixCache()
 
     # --- callers -------------------------------------------------------------------------------------------
 
@@ -283,7 +285,9 @@ class BatchingEngine:
                 return None
             handle = self._waiting.popleft()
         route = self.routes[handle.request.model]
-        return _Pending(handle, route, new_cache(route.group.model))
+        cache = new_cache(route.group.model)
+        reused = self.prefixes.lookup((id(route.group), route.adapter), handle.request.prompt_ids, cache)
+        return _Pending(handle, route, cache, done=reused)
 
     def _prefill_some(self, pending: _Pending, budget: int) -> int:
         import torch
@@ -295,6 +299,7 @@ class BatchingEngine:
         pending.done += len(chunk)
         if pending.done == len(prompt):
             self._prefilling = None
+            self.prefixes.store((id(route.group), route.adapter), prompt, pending.cache)
             self._start_rows(pending, output.logits[0, -1])
         return len(chunk)
 

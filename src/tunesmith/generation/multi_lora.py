@@ -1,15 +1,22 @@
 """Many LoRA adapters on one base model, each row of a batch with its own adapter, as punica/LoRAX do it.
 
 peft loads and checks the adapters; then every adapted linear layer is swapped for a `MultiLoraLinear` that holds
-all adapters' A and B stacked (slot 0 is "no adapter", all zeros; the scale is folded into B). A pass where every
-row uses one adapter costs two small matmuls per layer; a mixed pass gathers each row's A and B and does two
-batched matmuls, so mixing adapters costs about what one adapter does (peft's own mixed-batch path loops over the
-adapters with a gather and a scatter each, in every layer). Plain torch ops: the same code runs on CUDA.
+all adapters' A side by side ([in, slots x rank]) and B stacked ([slots x rank, out]); slot 0 is "no adapter", all
+zeros, and the scale is folded into B. A pass where every row uses one adapter costs two small matmuls per layer.
+A mixed pass multiplies every row by all adapters' A at once (slots x rank columns, a few dozen), zeroes the
+columns of the adapters a row does not use, and multiplies by all B at once: two matmuls, no gathers, so mixing
+adapters costs about what one adapter does (peft's own mixed-batch path loops over the adapters with a gather and a
+scatter each, in every layer). With many adapters of high rank the dense product grows, so rows then gather their
+own A and B for two batched matmuls. Plain torch ops: the same code runs on CUDA.
 """
 
 from __future__ import annotations
 
 from tunesmith.errors import TunesmithError
+
+
+DENSE_MIX_COLUMNS = 256
+"""Up to this many columns (slots x rank), a mixed pass multiplies every row by all adapters at once."""
 
 
 class AdapterRows:
@@ -19,15 +26,27 @@ class AdapterRows:
         self.slot_of = slot_of
         self.uniform: int | None = 0
         self.slots = None
+        self._masks: dict[tuple, object] = {}
 
     def select(self, adapters: list[str | None], device) -> None:
         import torch
 
         slots = [self.slot_of[name] if name else 0 for name in adapters]
+        self._masks = {}
         if len(set(slots)) == 1:
             self.uniform, self.slots = slots[0], None
         else:
             self.uniform, self.slots = None, torch.tensor(slots, dtype=torch.long, device=device)
+
+    def column_mask(self, rank: int, dtype):
+        """[rows, 1, slots x rank]: 1 on the columns of each row's own adapter (made once per pass and rank)."""
+        import torch
+
+        key = (rank, dtype)
+        if key not in self._masks:
+            slot_of_column = torch.arange(len(self.slot_of) + 1, device=self.slots.device).repeat_interleave(rank)
+            self._masks[key] = (slot_of_column[None, :] == self.slots[:, None]).to(dtype)[:, None, :]
+        return self._masks[key]
 
 
 def multi_lora_layer_class():
@@ -38,9 +57,14 @@ def multi_lora_layer_class():
 
         def __init__(self, base_layer, rows: AdapterRows, a, b):
             super().__init__()
-            self.base_layer, self.rows = base_layer, rows
+            self.base_layer, self.rows, self.rank = base_layer, rows, a.shape[-1]
             self.register_buffer("lora_a", a, persistent=False)  # [slots, in, rank]
             self.register_buffer("lora_b", b, persistent=False)  # [slots, rank, out], scale folded in
+            slots = a.shape[0]
+            self.register_buffer("all_a", a.permute(1, 0, 2).reshape(a.shape[1], slots * self.rank).contiguous(),
+                                 persistent=False)  # [in, slots x rank]
+            self.register_buffer("all_b", b.reshape(slots * self.rank, b.shape[-1]).contiguous(), persistent=False)
+            self.dense_mix = slots * self.rank <= DENSE_MIX_COLUMNS
 
         def forward(self, x):
             result = self.base_layer(x)
@@ -49,6 +73,9 @@ def multi_lora_layer_class():
             if self.rows.uniform is not None:
                 slot = self.rows.uniform
                 return result + (x @ self.lora_a[slot]) @ self.lora_b[slot]
+            if self.dense_mix:
+                mask = self.rows.column_mask(self.rank, x.dtype)
+                return result + ((x @ self.all_a) * mask) @ self.all_b
             slots = self.rows.slots
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
             update = torch.bmm(torch.bmm(flat, self.lora_a[slots]), self.lora_b[slots])

@@ -189,7 +189,7 @@ def test_both_ways_of_mixing_adapters_compute_the_same_update(engine, tiny_model
     group = engine.models["alpha"].route.group
     layers = [m for m in group.model.modules() if hasattr(m, "dense_mix")]
     ids = torch.tensor([[5, 6, 7]] * 3)
-    names = ["alpha", None, "beta"]
+    names = [engine.models["alpha"].route.adapter, None, engine.models["beta"].route.adapter]
     with torch.inference_mode():
         logits = []
         for dense in (True, False):

@@ -171,6 +171,9 @@ class ServingEngine:
 
     def _plan(self, served: ServedModel, prompt: list[int], request, max_tokens: int, logprobs: int | None,
               constraint, where: str) -> GenerationRequest:
+        if request.n > self.batching.max_batch:
+            raise TunesmithError(f"n: {request.n} choices do not fit in this server's batch of "
+                                 f"{self.batching.max_batch}; ask for fewer")
         if served.context_length:
             room = served.context_length - len(prompt)
             if room < 1:

@@ -61,11 +61,13 @@ def greedy_alone(model, tokenizer, ids: list[int], max_tokens: int) -> str:
     return tokenizer.decode(out[:end], skip_special_tokens=True)
 
 
-def test_rows_joining_and_leaving_mid_flight_answer_as_they_do_alone(tiny):
-    """Six prompts of different lengths and limits through 3 slots, prefilled in 5-token chunks: rows join a
-    running batch (padding either side), leave it early, and every answer matches plain one-at-a-time greedy."""
+@pytest.mark.parametrize("prefill_chunk, max_batch", [(5, 3), (4096, 4)])
+def test_rows_joining_and_leaving_mid_flight_answer_as_they_do_alone(tiny, prefill_chunk, max_batch):
+    """Six prompts of different lengths and limits through a few slots, prefilled in 5-token chunks or several
+    prompts in one padded pass (after a reused prefix): rows join a running batch (padding either side), leave it
+    early, and every answer matches plain one-at-a-time greedy."""
     model, tokenizer = tiny
-    engine = make_engine(model, tokenizer, max_batch=3, prefill_chunk=5)
+    engine = make_engine(model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk)
     limits = [12, 3, 20, 7, 1, 16]
     requests = [GenerationRequest("tiny", prompt(tokenizer, q), SamplingParams(max_tokens=m))
                 for q, m in zip(QUESTIONS, limits)]
@@ -170,3 +172,17 @@ def test_text_is_released_only_when_no_stop_string_can_still_begin():
     assert stream.push("abcdEND ".index("d"))  # the stop string: cut before it
     assert stream.take_rest() == ""
     assert stream.text == "ab"
+
+
+def test_prompts_with_and_without_a_cached_prefix_prefill_together(tiny):
+    model, tokenizer = tiny
+    engine = make_engine(model, tokenizer, max_batch=8, prefill_chunk=4096)
+    run(engine, [GenerationRequest("tiny", prompt(tokenizer, "warm the cache"), SamplingParams(max_tokens=2))])
+    other = generation_prompt_ids(tokenizer, [{"role": "user", "content": "No system prompt here, just a question"}])
+    requests = [GenerationRequest("tiny", ids, SamplingParams(max_tokens=9))
+                for ids in (prompt(tokenizer, "Order 5 pens"), other, prompt(tokenizer, "hi"))]
+    reused = engine.prefixes.reused_tokens
+    events = run(engine, requests)
+    assert engine.prefixes.reused_tokens > reused
+    for request, got in zip(requests, events):
+        assert text_of(got) == greedy_alone(model, tokenizer, request.prompt_ids, 9)

@@ -157,6 +157,7 @@ class BatchingEngine:
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
         self._waiting: deque[RequestHandle] = deque()
         self._prefilling: _Pending | None = None
+        self._in_prefill: list[_Pending] = []  # admitted and being prefilled together this step
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = self._stopping = False
@@ -267,29 +268,51 @@ class BatchingEngine:
         return False
 
     def _prefill(self) -> None:
+        """Prompts that fit the budget are prefilled together in one pass; a longer one goes chunk by chunk."""
         budget = self.prefill_chunk
         while True:
-            if self._prefilling is None:
-                self._prefilling = self._admit()
-                if self._prefilling is None:
-                    return
-            idle = not any(group.rows for group in self.groups)  # nobody to stall: finish the prompt
-            if budget <= 0 and not idle:
+            idle = not any(group.rows for group in self.groups)  # nobody to stall: finish what was started
+            allowance = max(budget, self.prefill_chunk) if idle else budget
+            if allowance <= 0:
                 return
-            budget -= self._prefill_some(self._prefilling, max(budget, self.prefill_chunk if idle else 0))
+            if self._prefilling is not None:
+                budget -= self._prefill_some(self._prefilling, allowance)
+                continue
+            together = self._in_prefill = self._admit(allowance)
+            if not together:
+                return
+            budget -= self._prefill_together(together)
+            self._in_prefill = []
 
-    def _admit(self) -> _Pending | None:
+    def _admit(self, allowance: int) -> list[_Pending]:
+        """Waiting requests (first come, first served) for one model group whose prompts fit `allowance` tokens
+        and whose choices fit the batch; a first prompt longer than that becomes the chunked `_prefilling`."""
         running = sum(len(group.rows) for group in self.groups)
+        chosen, tokens = [], 0
         with self._wakeup:
-            if not self._waiting or running + self._waiting[0].request.n > self.max_batch:
-                return None
-            handle = self._waiting.popleft()
+            while self._waiting:
+                request = self._waiting[0].request
+                group = self.routes[request.model].group
+                if running + request.n > self.max_batch or (chosen and group is not chosen[0].route.group):
+                    break
+                if chosen and tokens + len(request.prompt_ids) > allowance:
+                    break
+                handle = self._waiting.popleft()
+                running += request.n
+                tokens += len(request.prompt_ids)
+                chosen.append(self._pending(handle))
+        if len(chosen) == 1 and len(chosen[0].handle.request.prompt_ids) - chosen[0].done > allowance:
+            self._prefilling = chosen.pop()
+        return chosen
+
+    def _pending(self, handle: RequestHandle) -> _Pending:
         route = self.routes[handle.request.model]
         cache = new_cache(route.group.model)
         reused = self.prefixes.lookup((id(route.group), route.adapter), handle.request.prompt_ids, cache)
         return _Pending(handle, route, cache, done=reused)
 
     def _prefill_some(self, pending: _Pending, budget: int) -> int:
+        """One chunk of a long prompt, in its own cache; the last chunk makes its rows join the batch."""
         import torch
 
         prompt, route = pending.handle.request.prompt_ids, pending.route
@@ -300,18 +323,41 @@ class BatchingEngine:
         if pending.done == len(prompt):
             self._prefilling = None
             self.prefixes.store((id(route.group), route.adapter), prompt, pending.cache)
-            self._start_rows(pending, output.logits[0, -1])
+            self._join(route.group, PaddedBatch.of_prefixes(route.group.model, [pending.cache], [len(prompt)]),
+                       [pending], output.logits[:, -1])
         return len(chunk)
 
-    def _start_rows(self, pending: _Pending, logits_row) -> None:
-        """The prompt is in the cache: choose each choice's first token, then the unfinished choices join the batch."""
-        request, route, group = pending.handle.request, pending.route, pending.route.group
-        rows = [self._new_row(pending.handle, route, index) for index in range(request.n)]
-        finished = self._choose_and_accept(rows, logits_row.unsqueeze(0).expand(len(rows), -1))
-        survivors = [row for row, done in zip(rows, finished) if not done]
-        if survivors:
-            group.batch.add(pending.cache, len(request.prompt_ids), repeats=len(survivors))
-            group.rows.extend(survivors)
+    def _prefill_together(self, together: list[_Pending]) -> int:
+        """Every prompt's remaining tokens in one padded pass (after the prefixes the prefix cache supplied)."""
+        group = together[0].route.group
+        prompts = [pending.handle.request.prompt_ids for pending in together]
+        batch = PaddedBatch.of_prefixes(group.model, [p.cache for p in together], [p.done for p in together])
+        inputs = batch.prefill_inputs([prompt[p.done:] for prompt, p in zip(prompts, together)])
+        output = group.forward(inputs.pop("input_ids"), [p.route.adapter for p in together], logits_to_keep=1,
+                               **inputs)
+        for row, (pending, prompt) in enumerate(zip(together, prompts)):
+            if len(together) == 1:
+                self.prefixes.store((id(group), pending.route.adapter), prompt, batch.cache)
+            else:
+                self.prefixes.store((id(group), pending.route.adapter), prompt, batch.row_cache(row, group.model))
+        self._join(group, batch, together, output.logits[:, -1])
+        return sum(len(prompt) - p.done for prompt, p in zip(prompts, together))
+
+    def _join(self, group: ModelGroup, batch: PaddedBatch, pendings: list[_Pending], logits) -> None:
+        """The prompts are in `batch`: choose each choice's first token, then the unfinished choices join the
+        group's running batch (a prompt with n choices becomes n rows sharing its cache)."""
+        joining, keep = [], []
+        for index, pending in enumerate(pendings):
+            rows = [self._new_row(pending.handle, pending.route, choice) for choice in range(pending.handle.request.n)]
+            finished = self._choose_and_accept(rows, logits[index].unsqueeze(0).expand(len(rows), -1))
+            for row, done in zip(rows, finished):
+                if not done:
+                    joining.append(row)
+                    keep.append(index)
+        if joining:
+            batch.keep(keep)
+            group.batch.merge(batch)
+            group.rows.extend(joining)
 
     def _new_row(self, handle: RequestHandle, route: Route, index: int) -> _Row:
         request = handle.request
@@ -350,9 +396,13 @@ class BatchingEngine:
         return finished
 
     def _fail_pending(self, exc: Exception) -> None:
+        """A prefill pass failed: its requests fail (those taken from the queue are no longer anywhere else)."""
         if self._prefilling is not None:
             self._prefilling.handle.emit(Failed("error", f"generation failed: {type(exc).__name__}: {exc}"))
             self._prefilling = None
+        for pending in self._in_prefill:
+            pending.handle.emit(Failed("error", f"generation failed: {type(exc).__name__}: {exc}"))
+        self._in_prefill = []
 
     def _fail_group(self, group: ModelGroup, exc: Exception) -> None:
         for handle in {id(row.handle): row.handle for row in group.rows}.values():

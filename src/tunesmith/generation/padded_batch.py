@@ -1,8 +1,9 @@
 """The running rows of one model as one left-padded batch: a shared KV cache that rows join and leave at any step.
 
 Each row keeps its own keys and values; rows shorter than the longest are padded on the left and masked out, so one
-forward pass decodes a token for every row. Joining pads whichever side is shorter; leaving drops the row and any
-columns that became padding for every remaining row.
+forward pass decodes a token for every row. Prompts prefilled together are padded too (a row may then hold padding
+between a reused prefix and the rest of its prompt: the mask hides it, positions skip it). Joining pads whichever
+side is shorter; leaving drops the row and any columns that became padding for every remaining row.
 """
 
 from __future__ import annotations
@@ -35,28 +36,75 @@ class PaddedBatch:
     def size(self) -> int:
         return 0 if self.mask is None else self.mask.shape[0]
 
-    def add(self, cache, length: int, repeats: int = 1) -> None:
-        """Append `repeats` rows that share one freshly prefilled `cache` of `length` tokens."""
+    @classmethod
+    def of_prefixes(cls, model, caches: list, lengths: list[int]) -> PaddedBatch:
+        """One batch from single-row caches holding `lengths` tokens each (0: an empty cache), left-padded."""
         import torch
 
-        if repeats > 1:
-            cache.batch_repeat_interleave(repeats)
-        device = cache.layers[0].keys.device
-        mask = torch.ones(repeats, length, dtype=torch.long, device=device)
-        positions = torch.full((repeats,), length, dtype=torch.long, device=device)
-        if self.cache is None:
-            self.cache, self.mask, self.positions = cache, mask, positions
+        batch = cls()
+        width = max(lengths)
+        device = next(model.parameters()).device
+        batch.mask = torch.stack([torch.nn.functional.pad(torch.ones(n, dtype=torch.long, device=device),
+                                                          (width - n, 0)) for n in lengths])
+        batch.positions = torch.tensor(lengths, dtype=torch.long, device=device)
+        if width == 0:
+            batch.cache = new_cache(model)
+            return batch
+        batch.cache = caches[lengths.index(width)]
+        for index, layer in enumerate(batch.cache.layers):
+            rows = []
+            for cache, n in zip(caches, lengths):
+                theirs = cache.layers[index] if n else None
+                rows.append((_pad_keys(theirs.keys, width - n), _pad_keys(theirs.values, width - n)) if n else
+                            (layer.keys.new_zeros(layer.keys.shape), layer.values.new_zeros(layer.values.shape)))
+            layer.keys = torch.cat([keys for keys, _ in rows])
+            layer.values = torch.cat([values for _, values in rows])
+        return batch
+
+    def prefill_inputs(self, chunks: list[list[int]], pad_id: int = 0) -> dict:
+        """Forward arguments that append each row's `chunks[i]` after what the row holds (left-padded inputs)."""
+        import torch
+
+        device, width = self.mask.device, max(len(chunk) for chunk in chunks)
+        ids = torch.tensor([[pad_id] * (width - len(c)) + c for c in chunks], dtype=torch.long, device=device)
+        new = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunks], dtype=torch.long, device=device)
+        steps = torch.arange(width, device=device)[None, :] - (width - torch.tensor([len(c) for c in chunks],
+                                                                                    device=device))[:, None]
+        positions = (self.positions[:, None] + steps).clamp(min=0)
+        self.mask = torch.cat([self.mask, new], dim=1)
+        self.positions = self.positions + torch.tensor([len(c) for c in chunks], device=device)
+        return {"input_ids": ids, "attention_mask": self.mask, "position_ids": positions,
+                "past_key_values": self.cache}
+
+    def row_cache(self, row: int, model):
+        """Row `row` alone, its padding removed: a single-row cache for the prefix cache."""
+        cache, real = new_cache(model), self.mask[row].bool()
+        for mine, layer in zip(self.cache.layers, cache.layers):
+            layer.lazy_initialization(mine.keys, mine.values)
+            layer.keys, layer.values = mine.keys[row:row + 1, :, real], mine.values[row:row + 1, :, real]
+        return cache
+
+    def merge(self, other: PaddedBatch) -> None:
+        """Append `other`'s rows (their caches must come from the same model)."""
+        import torch
+
+        if other.size == 0:
             return
-        width = max(self.mask.shape[1], length)
+        if self.cache is None:
+            self.cache, self.mask, self.positions = other.cache, other.mask, other.positions
+            return
+        width = max(self.mask.shape[1], other.mask.shape[1])
         self._pad_left(width - self.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([mine.keys, _pad_keys(theirs.keys, width - length)])
-            mine.values = torch.cat([mine.values, _pad_keys(theirs.values, width - length)])
-        self.mask = torch.cat([self.mask, torch.nn.functional.pad(mask, (width - length, 0))])
-        self.positions = torch.cat([self.positions, positions])
+        other._pad_left(width - other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        self.mask = torch.cat([self.mask, other.mask])
+        self.positions = torch.cat([self.positions, other.positions])
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only `rows` (in that order), then drop the columns that are padding for every remaining row."""
+        """Keep only `rows` (in that order; a row listed twice is copied), then drop the columns that are padding
+        for every remaining row."""
         import torch
 
         if not rows:

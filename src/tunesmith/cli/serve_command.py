@@ -29,7 +29,8 @@ def serve_command(references: list[str], config: Path | None, base: bool | None,
 
         run_server(references, host, port, settings.max_new_tokens, serve_base=serve_base,
                    max_batch=settings.max_batch, max_waiting=settings.max_waiting,
-                   request_timeout=settings.request_timeout, drain_seconds=settings.drain_seconds)
+                   request_timeout=settings.request_timeout, drain_seconds=settings.drain_seconds,
+                   threads=settings.threads)
         return 0
     from tunesmith.serve.targets import resolve_targets
 

@@ -73,10 +73,17 @@ def _echo(engine: ServingEngine, request: CompletionRequest, prompt_ids: list[in
 def run_server(references: list[str] | Path | str, host: str = "127.0.0.1", port: int = 8000,
                default_max_tokens: int = 256, log_level: str = "warning", serve_base: bool = True,
                max_batch: int = 32, max_waiting: int = 64, request_timeout: float | None = 600,
-               drain_seconds: float = 30) -> None:
+               drain_seconds: float = 30, threads: int = 0) -> None:
     """Load the served versions and serve them until SIGTERM/Ctrl-C, which stops taking requests and lets those in
     flight finish for up to `drain_seconds`."""
+    import os
+
+    import torch
     import uvicorn
+
+    if not torch.cuda.is_available():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+        torch.set_num_threads(threads or max(1, cores - 1))
 
     references = [str(references)] if isinstance(references, (str, Path)) else references
     engine = ServingEngine.from_references(references, serve_base, default_max_tokens=default_max_tokens,

@@ -223,13 +223,11 @@ class ServeConfig(_Section):
     max_new_tokens: int = 256
     """Default `max_tokens` when a request does not set one."""
     models: list[str] = []
-    """What `tunesmith serve --config FILE` serves when the command names nothing: run directories and registered
-    versions (NAME@VERSION, NAME@ALIAS); adapters of one base share one copy of it."""
+    """What `serve --config FILE` serves when the command names nothing: run dirs, NAME@VERSION, NAME@ALIAS."""
     serve_base: bool = True
     """Also serve each base model under its own name (to compare with the fine-tuned versions)."""
     engine: Literal["native", "vllm", "llamacpp"] = "native"
-    """native: tunesmith's continuous-batching engine (CPU or GPU); vllm: launch vLLM with the same served names
-    (GPU); llamacpp: launch llama.cpp's llama-server on GGUF exports."""
+    """native (tunesmith's continuous batching, CPU or GPU), vllm (launch vLLM, GPU), llamacpp (llama-server)."""
     max_batch: int = Field(32, ge=1)
     """Most sequences decoded together; more requests wait in the queue."""
     max_waiting: int = Field(64, ge=0)
@@ -237,8 +235,7 @@ class ServeConfig(_Section):
     request_timeout: float = Field(600, gt=0)
     """Seconds a request may take in all before it is dropped (503 with Retry-After)."""
     threads: int = Field(0, ge=0)
-    """CPU threads the engine computes with; 0: all cores but one, which is left to the HTTP side (on a CPU,
-    compute threads that share their cores with request handling wait on each other: measured 1.4x slower)."""
+    """CPU threads the engine computes with; 0: all cores but one, left to the HTTP side (1.4x faster measured)."""
     drain_seconds: float = Field(30, ge=0)
     """On SIGTERM or Ctrl-C: seconds the requests in flight get to finish before the server exits."""
 

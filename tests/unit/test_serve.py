@@ -149,9 +149,9 @@ def test_choosing_the_base_switches_the_adapter_off(run_dir):
     shared = engine.models[engine.adapter_name].route.group.model
     assert engine.models[engine.base_name].route.group.model is shared  # one copy of the base
     with torch.no_grad():
-        for name, buffer in shared.named_buffers():
-            if "lora_b" in name:
-                buffer[1:].fill_(0.5)  # slot 0 is "no adapter"
+        for layer in shared.modules():
+            if hasattr(layer, "all_b"):
+                layer.all_b[layer.rank:].fill_(0.5)  # slot 0 (the first `rank` rows) is "no adapter"
     ids = generation_prompt_ids(engine.tokenizer, PROMPT)
     plain = load_model(json.loads((run_dir / "manifest.json").read_text())["base_model"]["source"])
     with torch.no_grad():

@@ -56,29 +56,31 @@ def multi_lora_layer_class():
         """A base linear layer plus every adapter's low-rank update, chosen per row by `AdapterRows`."""
 
         def __init__(self, base_layer, rows: AdapterRows, a, b):
+            """`a` [slots, in, rank] and `b` [slots, rank, out] (scale folded in) are kept side by side, once."""
             super().__init__()
-            self.base_layer, self.rows, self.rank = base_layer, rows, a.shape[-1]
-            self.register_buffer("lora_a", a, persistent=False)  # [slots, in, rank]
-            self.register_buffer("lora_b", b, persistent=False)  # [slots, rank, out], scale folded in
-            slots = a.shape[0]
-            self.register_buffer("all_a", a.permute(1, 0, 2).reshape(a.shape[1], slots * self.rank).contiguous(),
+            self.base_layer, self.rows = base_layer, rows
+            self.slots, self.rank = a.shape[0], a.shape[-1]
+            self.register_buffer("all_a", a.permute(1, 0, 2).reshape(a.shape[1], self.slots * self.rank).contiguous(),
                                  persistent=False)  # [in, slots x rank]
-            self.register_buffer("all_b", b.reshape(slots * self.rank, b.shape[-1]).contiguous(), persistent=False)
-            self.dense_mix = slots * self.rank <= DENSE_MIX_COLUMNS
+            self.register_buffer("all_b", b.reshape(self.slots * self.rank, b.shape[-1]).contiguous(),
+                                 persistent=False)  # [slots x rank, out]
+            self.dense_mix = self.slots * self.rank <= DENSE_MIX_COLUMNS
 
         def forward(self, x):
             result = self.base_layer(x)
             if self.rows.uniform == 0:
                 return result
             if self.rows.uniform is not None:
-                slot = self.rows.uniform
-                return result + (x @ self.lora_a[slot]) @ self.lora_b[slot]
+                columns = slice(self.rows.uniform * self.rank, (self.rows.uniform + 1) * self.rank)
+                return result + (x @ self.all_a[:, columns]) @ self.all_b[columns]
             if self.dense_mix:
                 mask = self.rows.column_mask(self.rank, x.dtype)
                 return result + ((x @ self.all_a) * mask) @ self.all_b
             slots = self.rows.slots
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
-            update = torch.bmm(torch.bmm(flat, self.lora_a[slots]), self.lora_b[slots])
+            per_slot_a = self.all_a.view(-1, self.slots, self.rank).permute(1, 0, 2)  # [slots, in, rank]
+            per_slot_b = self.all_b.view(self.slots, self.rank, -1)
+            update = torch.bmm(torch.bmm(flat, per_slot_a[slots]), per_slot_b[slots])
             return result + update.reshape(*x.shape[:-1], update.shape[-1])
 
     return MultiLoraLinear

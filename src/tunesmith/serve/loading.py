@@ -38,7 +38,8 @@ def load_served_models(targets: list[ServedTarget], serve_base: bool = True,
     trained = [target for target in targets if target.run.is_trained]
     for target in trained:
         _check_weights(target)
-    tokenizers = {target.name: _checked_tokenizer(target) for target in trained}
+    loaded: dict[str, object] = {}  # versions trained with the same tokenizer files share one copy of it
+    tokenizers = {target.name: _checked_tokenizer(target, loaded) for target in trained}
     bases = {t.base_key for t in targets if serve_base or not t.run.is_trained or t.is_adapter}
     placed = {}
     for base_key in sorted(bases):
@@ -65,11 +66,18 @@ def _check_weights(target: ServedTarget) -> None:
         raise TunesmithError(f"{run.weights_dir}: no {marker}; re-run `tunesmith train` for this run")
 
 
-def _checked_tokenizer(target: ServedTarget):
+def _checked_tokenizer(target: ServedTarget, loaded: dict[str, object]):
     # The trained folder holds the tokenizer training used, so the template is exactly the trained one.
-    tokenizer = load_tokenizer(target.run.weights_dir)
-    target.run.check_template(tokenizer, whose=f"the model in {target.run.weights_dir}")
-    return tokenizer
+    from tunesmith.registry.hashing import file_sha256
+
+    folder = target.run.weights_dir
+    key = "|".join(file_sha256(path) for path in sorted(folder.glob("*")) if path.name.startswith(("tokenizer",
+                                                                                                "chat_template",
+                                                                                                "special_tokens")))
+    if key not in loaded:
+        loaded[key] = load_tokenizer(folder)
+    target.run.check_template(loaded[key], whose=f"the model in {folder}")
+    return loaded[key]
 
 
 def _share_base(base_key: str, adapters: list[ServedTarget], device: str) -> dict:
@@ -107,12 +115,17 @@ def _serve_base(target: ServedTarget, served: dict[str, ServedModel], group: Mod
     served[name] = _served(name, group, None, tokenizer, None, target.base_key)
 
 
+_DECODERS: dict[int, object] = {}
+
+
 def _served(name: str, group: ModelGroup, adapter: str | None, tokenizer, parent, root: str,
             note: str = "") -> ServedModel:
     from tokenizers import Tokenizer
 
     stops = frozenset(end_of_turn_token_ids(tokenizer))
-    decoder = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # the engine thread's own copy
+    if id(tokenizer) not in _DECODERS:  # the engine thread's own copy, one per distinct tokenizer
+        _DECODERS[id(tokenizer)] = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    decoder = _DECODERS[id(tokenizer)]
     route = Route(group, adapter, stops, decoder)
     context = getattr(group.model.config, "max_position_embeddings", None)
     return ServedModel(name, route, tokenizer, parent, root, context, note)

@@ -206,3 +206,36 @@ def test_both_ways_of_mixing_adapters_compute_the_same_update(engine, tiny_model
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits[0], torch.stack(alone), rtol=1e-4, atol=1e-4)
     assert (logits[0][0] - logits[0][1]).abs().max() > 1e-3  # the adapter changed row 0
+
+
+def test_hostile_text_completion_requests_get_no_5xx_and_leave_no_stuck_slot(server_url, engine):
+    """Each request replaces one field of a valid text completion with a generated hostile value."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from test_serve import hostile_values
+
+    fields = ["model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "logprobs",
+              "echo", "best_of", "suffix", "logit_bias", "stream_options", "user"]
+    statuses: dict[int, int] = {}
+    with httpx.Client(base_url=server_url, timeout=60) as http:
+        @settings(max_examples=400, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(field=st.sampled_from(fields), value=hostile_values())
+        def one_request(field, value):
+            body = {"model": "alpha", "prompt": "Order 5 pens", "max_tokens": 2, field: value}
+            if isinstance(body.get("max_tokens"), int):
+                body["max_tokens"] = min(body["max_tokens"], 8)
+            reply = http.post("/v1/completions", content=json.dumps(body, ensure_ascii=True),
+                              headers={"content-type": "application/json"})
+            statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
+            assert reply.status_code < 500, (field, value, reply.text[:300])
+            if reply.status_code >= 400:
+                assert set(reply.json()["error"]) >= {"message", "type"}
+
+        one_request()
+    print(f"hostile completion statuses: {dict(sorted(statuses.items()))}")
+    assert sum(statuses.values()) >= 400 and 200 in statuses and 400 in statuses
+    deadline = time.monotonic() + 10
+    while engine.batching.running and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine.batching.running == 0 and engine.batching.waiting == 0

@@ -138,32 +138,33 @@ def test_seeded_sampling_repeats(engine):
 
 
 def test_choosing_the_base_switches_the_adapter_off(run_dir):
-    """With the adapter's weights made large, the base must still answer exactly like the plain base model, and
-    base and adapter rows decoded in one batch must each answer as they do alone."""
+    """The served version is merged into the shared base copy; its rows must still compute what peft's unmerged
+    base + adapter does, the base's rows what the plain base does, alone or mixed in one batch."""
     import torch
 
     from tunesmith.data.template import generation_prompt_ids
-    from tunesmith.models import load_model
+    from tunesmith.models import load_model, load_with_adapter
 
     engine = ServingEngine.from_run_dir(run_dir, device="cpu")
-    shared = engine.models[engine.adapter_name].route.group.model
-    assert engine.models[engine.base_name].route.group.model is shared  # one copy of the base
-    with torch.no_grad():
-        for layer in shared.modules():
-            if hasattr(layer, "all_b"):
-                layer.all_b[layer.rank:].fill_(0.5)  # slot 0 (the first `rank` rows) is "no adapter"
-    ids = generation_prompt_ids(engine.tokenizer, PROMPT)
-    plain = load_model(json.loads((run_dir / "manifest.json").read_text())["base_model"]["source"])
-    with torch.no_grad():
-        expected = plain.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, len(ids):]
+    group = engine.models[engine.adapter_name].route.group
+    assert engine.models[engine.base_name].route.group is group  # one copy of the base
+    source = json.loads((run_dir / "manifest.json").read_text())["base_model"]["source"]
+    ids = torch.tensor([generation_prompt_ids(engine.tokenizer, PROMPT)] * 2)
+    adapter = engine.models[engine.adapter_name].route.adapter
+    with torch.inference_mode():
+        plain = load_model(source)(input_ids=ids[:1]).logits[0]
+        tuned = load_with_adapter(source, run_dir / "adapter")(input_ids=ids[:1]).logits[0]
+        for names in ([None, None], [adapter, adapter], [None, adapter]):
+            group.adapter_rows.select(names, ids.device)
+            logits = group.model(input_ids=ids).logits
+            for row, name in enumerate(names):
+                torch.testing.assert_close(logits[row], tuned if name else plain, rtol=1e-4, atol=1e-4)
+    assert (tuned - plain).abs().max() > 1e-3  # the adapter changes the answer's logits
     base = ChatCompletionRequest(model=engine.base_name, messages=PROMPT, max_tokens=8)
-    tuned = base.model_copy(update={"model": "orders"})
-    assert engine.generate(base).text == engine.tokenizer.decode(expected, skip_special_tokens=True)
-    alone = engine.generate(tuned).text
-    assert alone != engine.generate(base).text  # the adapter really is on when its name is chosen
-    streams = [engine.stream(request) for request in (base, tuned, base, tuned)]  # all four in one batch
+    tuned_request = base.model_copy(update={"model": "orders"})
+    streams = [engine.stream(request) for request in (base, tuned_request, base, tuned_request)]  # one batch
     together = ["".join(delta.text for delta in stream) for stream in streams]
-    assert together == [engine.generate(base).text, alone] * 2
+    assert together == [engine.generate(base).text, engine.generate(tuned_request).text] * 2
 
 
 def test_untrained_run_serves_the_base_alone(run_dir, tmp_path, tiny_model_dir):

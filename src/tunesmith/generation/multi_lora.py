@@ -22,8 +22,10 @@ DENSE_MIX_COLUMNS = 256
 class AdapterRows:
     """Which adapter slot each row of the next forward pass uses; shared by all MultiLoraLinear layers of a model."""
 
-    def __init__(self, slot_of: dict[str, int]):
+    def __init__(self, slot_of: dict[str, int], free_slot: int = 0):
         self.slot_of = slot_of
+        self.free_slot = free_slot
+        """The slot whose rows need no low-rank update: 0 (the base), or the adapter merged into the base weights."""
         self.uniform: int | None = 0
         self.slots = None
         self._masks: dict[tuple, object] = {}
@@ -68,7 +70,7 @@ def multi_lora_layer_class():
 
         def forward(self, x):
             result = self.base_layer(x)
-            if self.rows.uniform == 0:
+            if self.rows.uniform == self.rows.free_slot:
                 return result
             if self.rows.uniform is not None:
                 columns = slice(self.rows.uniform * self.rank, (self.rows.uniform + 1) * self.rank)
@@ -106,41 +108,55 @@ def unsupported_reason(peft_model, adapter: str) -> str | None:
     return None
 
 
-def stack_adapters(peft_model, adapters: list[str]):
+def stack_adapters(peft_model, adapters: list[str], merge_first: bool = False):
     """The base model with every adapted layer replaced by a MultiLoraLinear over `adapters` (slots 1..n, in this
-    order); returns (model, AdapterRows). The peft wrapper is gone afterwards: the model answers as the base unless
-    rows select an adapter."""
+    order); returns (model, AdapterRows). The peft wrapper is gone afterwards.
+
+    With `merge_first`, the first adapter (the version most traffic goes to) is merged into the base weights, so its
+    rows cost what the base alone does; the base's rows then subtract that update (slot 0 holds A, -B) and every
+    other adapter's rows apply their own update minus it (rank r + r_first)."""
     import torch
     from peft.tuners.lora import LoraLayer
 
-    rows = AdapterRows({name: slot for slot, name in enumerate(adapters, start=1)})
+    slot_of = {name: slot for slot, name in enumerate(adapters, start=1)}
+    rows = AdapterRows(slot_of, free_slot=1 if merge_first else 0)
     layer_class = multi_lora_layer_class()
     model = peft_model.get_base_model()
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoraLayer):
             continue
         base = module.base_layer
-        present = [a for a in adapters if a in module.lora_A]
-        if not present:
-            parent_name, _, child = name.rpartition(".")
+        updates = {slot_of[a]: _low_rank_update(module, a) for a in adapters if a in module.lora_A}
+        parent_name, _, child = name.rpartition(".")
+        if not updates:
             setattr(model.get_submodule(parent_name), child, base)
             continue
-        rank = max(module.lora_A[a].weight.shape[0] for a in present)
+        if merge_first and 1 in updates:
+            a_first, b_first = updates.pop(1)
+            with torch.no_grad():
+                base.weight += (a_first @ b_first).t().to(base.weight.dtype)
+            for slot, (a, b) in list(updates.items()):
+                updates[slot] = (torch.cat([a, a_first], dim=1), torch.cat([b, -b_first], dim=0))
+            for slot in range(2, len(adapters) + 1):  # adapters without an update here still undo the merged one
+                updates.setdefault(slot, (a_first, -b_first))
+            updates[0] = (a_first, -b_first)
+        rank = max(a.shape[1] for a, _ in updates.values())
         stacked_a = torch.zeros(len(adapters) + 1, base.in_features, rank, dtype=base.weight.dtype,
                                 device=base.weight.device)
         stacked_b = torch.zeros(len(adapters) + 1, rank, base.out_features, dtype=base.weight.dtype,
                                 device=base.weight.device)
-        for slot, adapter in enumerate(adapters, start=1):
-            if adapter not in module.lora_A:
-                continue
-            a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight  # [r, in], [out, r]
-            r = a.shape[0]
-            stacked_a[slot, :, :r] = a.t()
-            stacked_b[slot, :r, :] = b.t() * module.scaling[adapter]
-        parent_name, _, child = name.rpartition(".")
+        for slot, (a, b) in updates.items():
+            stacked_a[slot, :, :a.shape[1]] = a
+            stacked_b[slot, :b.shape[0], :] = b
         setattr(model.get_submodule(parent_name), child, layer_class(base, rows, stacked_a, stacked_b))
     leftover = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     if leftover:
         raise TunesmithError(f"could not stack the adapters: {leftover[0]} is still a peft layer")
     model.eval()
     return model, rows
+
+
+def _low_rank_update(module, adapter: str):
+    """(A as [in, r], B as [r, out] with the scale folded in) of one adapter on one peft LoRA layer."""
+    a, b = module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach()  # [r, in], [out, r]
+    return a.t().float(), (b.t() * module.scaling[adapter]).float()

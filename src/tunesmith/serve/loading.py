@@ -95,7 +95,8 @@ def _share_base(base_key: str, adapters: list[ServedTarget], device: str) -> dic
         else:
             stackable.append((target, name))
     if peft_model is not None and stackable:
-        model, rows = stack_adapters(peft_model, [name for _, name in stackable])
+        # The first version named on this base is merged into it: its rows then cost what the base alone does.
+        model, rows = stack_adapters(peft_model, [name for _, name in stackable], merge_first=True)
         group = ModelGroup(model.to(device), adapter_rows=rows)
         for target, name in stackable:
             placed[target.name] = (group, name, "")

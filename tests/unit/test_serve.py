@@ -296,3 +296,21 @@ def test_a_thousand_hostile_requests_get_no_5xx_and_the_server_still_answers(ser
     print(f"hostile request statuses: {dict(sorted(statuses.items()))}")
     assert sum(statuses.values()) >= 1000 and max(statuses) < 500
     assert psutil.Process().memory_info().rss - rss_before < 1 * 2**30
+
+
+def test_requests_uvicorn_cannot_parse_still_get_an_openai_error_body(server_url):
+    import socket
+    from urllib.parse import urlparse
+
+    address = urlparse(server_url)
+    for raw in (b"GARBAGE\r\n\r\n", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+                b"GET /health HTTP/1.1\r\nno colon in this header\r\n\r\n"):
+        with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+            connection.sendall(raw)
+            reply = b""
+            while chunk := connection.recv(65536):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, reply[:200]
+        assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    assert httpx.get(f"{server_url}/health").status_code == 200

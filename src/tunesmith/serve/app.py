@@ -18,6 +18,7 @@ from tunesmith.serve.answers import (
 )
 from tunesmith.serve.engine import ServingEngine
 from tunesmith.serve.errors import MAX_REQUEST_BYTES, BodySizeLimit, install_error_handlers
+from tunesmith.serve.http_protocol import OpenAIErrorH11Protocol
 from tunesmith.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
 
@@ -92,7 +93,7 @@ def run_server(references: list[str] | Path | str, host: str = "127.0.0.1", port
     engine.start()
     print(f"Serving {', '.join(engine.list_models())} at http://{host}:{port}/v1 (OpenAI-compatible)", flush=True)
     config = uvicorn.Config(build_app(engine), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=drain_seconds)
+                            timeout_graceful_shutdown=drain_seconds, http=OpenAIErrorH11Protocol)
     try:
         uvicorn.Server(config).run()
     finally:

@@ -92,6 +92,9 @@ def run_server(references: list[str] | Path | str, host: str = "127.0.0.1", port
                                            request_timeout=request_timeout)
     engine.start()
     print(f"Serving {', '.join(engine.list_models())} at http://{host}:{port}/v1 (OpenAI-compatible)", flush=True)
+    for name in engine.list_models():
+        if engine.models[name].note:
+            print(f"  {name} {engine.models[name].note}", flush=True)
     config = uvicorn.Config(build_app(engine), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=drain_seconds, http=OpenAIErrorH11Protocol)
     try:

@@ -239,3 +239,30 @@ def test_hostile_text_completion_requests_get_no_5xx_and_leave_no_stuck_slot(ser
     while engine.batching.running and time.monotonic() < deadline:
         time.sleep(0.1)
     assert engine.batching.running == 0 and engine.batching.waiting == 0
+
+
+def test_a_dora_version_decodes_on_its_own_copy_and_answers_like_peft(runs, tiny_config):
+    """peft cannot mix DoRA rows with others: that version gets a base copy of its own, said at start, and its
+    logits are peft's."""
+    import torch
+
+    from tunesmith.config import load_config
+    from tunesmith.data.prepare import prepare
+    from tunesmith.models import load_with_adapter
+    from tunesmith.registry.run import Run
+    from tunesmith.train.sft import train_sft
+
+    config = load_config(tiny_config, ["name=dora", "train.adapter=dora", "train.max_steps=3"])
+    dora_dir = prepare(config)
+    train_sft(dora_dir, config)
+    engine = ServingEngine.from_references([str(runs[0]), str(dora_dir)])
+    dora, alpha = engine.models["dora"], engine.models["alpha"]
+    assert "DoRA" in dora.note and dora.route.group is not alpha.route.group and dora.parent == alpha.parent
+    ids = torch.tensor([[5, 6, 7, 8]])
+    run = Run.open(dora_dir)
+    with torch.inference_mode():
+        expected = load_with_adapter(run.base_source, run.weights_dir)(input_ids=ids).logits
+        got = dora.route.group.forward(ids, [None]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    reply = engine.generate(ChatCompletionRequest(model="dora", messages=PROMPT, max_tokens=4))
+    assert reply.completion_tokens >= 1

@@ -222,6 +222,23 @@ def test_serve_and_chat_take_a_registered_version_as_its_verified_copy(store, ru
     assert ServingEngine.from_run_dir(run_dir, default_max_tokens=4).adapter_name == "orders"
 
 
+def test_serve_takes_two_versions_and_an_alias_of_one_model_on_one_shared_base(store, runs):
+    from tunesmith.registry.register import register_run
+    from tunesmith.serve.engine import ServingEngine
+
+    first, _ = register_run(store, runs["first"], "orders")
+    second, _ = register_run(store, runs["second"], "orders")
+    store.move_alias("orders", "production", first.version, "set", "test", {})
+    engine = ServingEngine.from_references(["orders@production", f"orders@{second.version}"], default_max_tokens=4)
+    cards = {card.id: card for card in engine.model_cards()}
+    assert list(cards)[:2] == ["orders@production", f"orders@{second.version}"]
+    assert cards["orders@production"].parent == cards[f"orders@{second.version}"].parent is not None
+    groups = {id(engine.models[name].route.group) for name in cards}
+    assert len(groups) == 1  # both versions and the base on one copy of it
+    with pytest.raises(TunesmithError, match="already uses"):
+        ServingEngine.from_references(["orders@production", f"orders@{first.version}", "orders@production"])
+
+
 def test_the_same_run_registered_in_two_stores_gets_a_verified_copy_from_each(store, runs, tmp_path, monkeypatch):
     from tunesmith.registry.register import register_run
     from tunesmith.registry.store import Registry

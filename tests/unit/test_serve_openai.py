@@ -266,3 +266,16 @@ def test_a_dora_version_decodes_on_its_own_copy_and_answers_like_peft(runs, tiny
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     reply = engine.generate(ChatCompletionRequest(model="dora", messages=PROMPT, max_tokens=4))
     assert reply.completion_tokens >= 1
+
+
+def test_serve_without_anything_to_serve_or_with_a_bad_setting_is_one_clear_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from tunesmith.cli.main import app
+
+    nothing = CliRunner().invoke(app, ["serve"])
+    assert nothing.exit_code == 2 and "nothing to serve" in nothing.output and "Traceback" not in nothing.output
+    config = tmp_path / "serve.yaml"
+    config.write_text("serve: {max_batch: 0}\n", encoding="utf-8")
+    bad = CliRunner().invoke(app, ["serve", "--config", str(config), "somewhere"])
+    assert bad.exit_code == 2 and "serve.max_batch" in bad.output

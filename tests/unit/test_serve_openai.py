@@ -269,13 +269,14 @@ def test_a_dora_version_decodes_on_its_own_copy_and_answers_like_peft(runs, tiny
 
 
 def test_serve_without_anything_to_serve_or_with_a_bad_setting_is_one_clear_error(tmp_path):
-    from typer.testing import CliRunner
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "tunesmith", "serve", *args], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
 
-    from tunesmith.cli.main import app
-
-    nothing = CliRunner().invoke(app, ["serve"])
-    assert nothing.exit_code == 2 and "nothing to serve" in nothing.output and "Traceback" not in nothing.output
+    nothing = serve()
+    assert nothing.returncode == 2 and "nothing to serve" in nothing.stderr + nothing.stdout
     config = tmp_path / "serve.yaml"
     config.write_text("serve: {max_batch: 0}\n", encoding="utf-8")
-    bad = CliRunner().invoke(app, ["serve", "--config", str(config), "somewhere"])
-    assert bad.exit_code == 2 and "serve.max_batch" in bad.output
+    bad = serve("--config", str(config), "somewhere")
+    assert bad.returncode == 2 and "serve.max_batch" in bad.stderr + bad.stdout
+    assert "Traceback" not in nothing.stderr + bad.stderr

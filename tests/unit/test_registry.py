@@ -209,17 +209,17 @@ def test_a_run_config_registers_tracks_and_promotes_by_itself(store, tiny_config
 
 
 def test_serve_and_chat_take_a_registered_version_as_its_verified_copy(store, runs):
-    from tunesmith.cli.main import _run_dir_of
     from tunesmith.registry.register import register_run
-    from tunesmith.registry.run import Run
     from tunesmith.serve.engine import ServingEngine
+    from tunesmith.serve.targets import resolve_targets
 
     info, _ = register_run(store, runs["first"], "orders")
     store.move_alias("orders", "production", info.version, "set", "test", {})
-    run_dir = _run_dir_of("orders@production")
-    assert Run.open(run_dir).trained.weights_sha256 == info.lineage.weights_sha256
-    assert _run_dir_of(str(runs["first"])) == runs["first"]
-    assert ServingEngine.from_run_dir(run_dir, default_max_tokens=4).adapter_name == "orders"
+    (target,) = resolve_targets(["orders@production"])
+    assert target.run.trained.weights_sha256 == info.lineage.weights_sha256 and target.version == info.version
+    assert target.run_dir != runs["first"]  # the registry's verified copy, not the original folder
+    assert resolve_targets([str(runs["first"])])[0].run_dir == runs["first"]
+    assert ServingEngine.from_references(["orders@production"], default_max_tokens=4).adapter_name == "orders@production"
 
 
 def test_serve_takes_two_versions_and_an_alias_of_one_model_on_one_shared_base(store, runs):

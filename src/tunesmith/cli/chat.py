@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.console import Console
 
 
-def chat_loop(run_dir: Path, model_name: str | None) -> None:
+def chat_loop(reference: str, model_name: str | None) -> None:
     """Read a line, stream the reply, keep the history; `/reset` clears it, an empty line or Ctrl-D quits."""
     from tunesmith.serve.engine import ServingEngine
     from tunesmith.serve.protocol import ChatCompletionRequest
 
     console = Console()
-    engine = ServingEngine.from_run_dir(run_dir)
+    engine = ServingEngine.from_references([reference])  # a run directory or NAME@VERSION / NAME@ALIAS
     name = model_name or engine.list_models()[0]
     engine.check_model(name)
     console.print(f"[bold]chatting with {name}[/] (models: {', '.join(engine.list_models())}); "

@@ -178,16 +178,6 @@ def _track(run_dir: Path) -> None:
     console.print(f"[bold green]tracked[/] in MLflow run {run_id} ({escape(store.uri)})", highlight=False)
 
 
-def _run_dir_of(target: str) -> Path:
-    """A run directory as given, or the verified local copy of a registered version (NAME@VERSION, NAME@ALIAS)."""
-    if Path(target).exists() or "@" not in target:
-        return Path(target)
-    from tunesmith.registry.store import Registry
-
-    registry = Registry()
-    return registry.local_copy(*registry.resolve(target))
-
-
 @app.command()
 def export(
     reference: Annotated[str, typer.Argument(help="NAME@VERSION or NAME@ALIAS of a registered version.")],
@@ -234,7 +224,7 @@ def chat(
     """Talk to the fine-tuned model (or the base) in the terminal, with the training chat template."""
     from tunesmith.cli.chat import chat_loop
 
-    chat_loop(_run_dir_of(run_dir), model)
+    chat_loop(run_dir, model)
 
 
 @app.command()

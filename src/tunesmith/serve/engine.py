@@ -15,7 +15,7 @@ from tunesmith.generation.engine import BatchingEngine, RequestHandle
 from tunesmith.generation.requests import ChoiceUpdate, Event, Failed, GenerationRequest, SamplingParams
 from tunesmith.serve.loading import ServedModel, load_served_models
 from tunesmith.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ResponseFormat
-from tunesmith.serve.targets import ServedTarget, resolve_targets, served_base_name  # noqa: F401 (re-exported)
+from tunesmith.serve.targets import ServedTarget, resolve_targets
 
 
 class ModelNotFound(TunesmithError):

@@ -276,20 +276,25 @@ def _write_atomic(writer, out_path: Path, plan, config, arch: str, rope_freqs, o
                     on_tensor(tensor.name)
         if rope_freqs is not None:
             writer.write_tensor_data(rope_freqs)
-        handle = writer.fout[0]
-        handle.flush()
-        os.fsync(handle.fileno())
-        writer.close()
-        apply_umask(tmp, directory=False)
-        digest = file_sha256(tmp)
-        os.replace(tmp, out_path)
-        fsync_path(out_path.parent)
-        return digest
+        return finish_gguf_file(writer, tmp, out_path)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
 
+
+
+def finish_gguf_file(writer, tmp: Path, out_path: Path) -> str:
+    """Flush and fsync a fully written GGUF temp file, then move it into place; its sha256."""
+    handle = writer.fout[0]
+    handle.flush()
+    os.fsync(handle.fileno())
+    writer.close()
+    apply_umask(tmp, directory=False)
+    digest = file_sha256(tmp)
+    os.replace(tmp, out_path)
+    fsync_path(out_path.parent)
+    return digest
 
 
 def _float32():

@@ -18,9 +18,12 @@ import tempfile
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
-from tunesmith.registry.gguf_export import GGUF_ARCHITECTURES, PERMUTED_ARCHITECTURES, permute_for_llama_rope
-from tunesmith.registry.hashing import file_sha256
-from tunesmith.registry.run_dir import apply_umask, fsync_path
+from tunesmith.registry.gguf_export import (
+    GGUF_ARCHITECTURES,
+    PERMUTED_ARCHITECTURES,
+    finish_gguf_file,
+    permute_for_llama_rope,
+)
 
 LORA_DTYPES = ("f32", "f16")
 PEFT_PREFIX = "base_model.model."
@@ -165,15 +168,7 @@ def _write_atomic(writer, out_path: Path) -> str:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        handle = writer.fout[0]
-        handle.flush()
-        os.fsync(handle.fileno())
-        writer.close()
-        apply_umask(tmp, directory=False)
-        digest = file_sha256(tmp)
-        os.replace(tmp, out_path)
-        fsync_path(out_path.parent)
-        return digest
+        return finish_gguf_file(writer, tmp, out_path)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)

@@ -123,6 +123,23 @@ def make_trained_run(folder: Path, model_dir: Path, name: str, seed: int, steps:
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def server_url(engine):
+    """The test module's `engine` fixture behind the OpenAI-compatible app on a loopback port."""
+    from tunesmith.serve.app import build_app
+
+    with serving_on_loopback(build_app(engine)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server_url):
+    """The official `openai` client pointed at `server_url`."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server_url}/v1", api_key="x", max_retries=0)
+
+
 @contextmanager
 def serving_on_loopback(app):
     """Run an ASGI app under uvicorn in a background thread on a free 127.0.0.1 port; yields its base URL."""

@@ -9,10 +9,9 @@ import httpx
 import openai
 import pytest
 import yaml
-from conftest import order_rows, serving_on_loopback, write_jsonl
+from conftest import order_rows, write_jsonl
 
 from tunesmith.errors import TunesmithError
-from tunesmith.serve.app import build_app
 from tunesmith.serve.engine import ServingEngine
 from tunesmith.serve.protocol import ChatCompletionRequest
 
@@ -41,17 +40,6 @@ def run_dir(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def engine(run_dir):
     return ServingEngine.from_run_dir(run_dir, default_max_tokens=16)
-
-
-@pytest.fixture(scope="module")
-def server_url(engine):
-    with serving_on_loopback(build_app(engine)) as url:
-        yield url
-
-
-@pytest.fixture
-def client(server_url):
-    return openai.OpenAI(base_url=f"{server_url}/v1", api_key="x", max_retries=0)
 
 
 def test_lists_the_adapter_under_the_run_name_and_the_base_under_its_folder_name(client, engine, tiny_model_dir):

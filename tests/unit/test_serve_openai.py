@@ -14,7 +14,6 @@ import time
 
 import httpx
 import jsonschema
-import openai
 import pytest
 from conftest import make_trained_run, serving_on_loopback
 
@@ -37,17 +36,6 @@ def runs(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def engine(runs):
     return ServingEngine.from_references([str(run) for run in runs], default_max_tokens=16)
-
-
-@pytest.fixture(scope="module")
-def server_url(engine):
-    with serving_on_loopback(build_app(engine)) as url:
-        yield url
-
-
-@pytest.fixture
-def client(server_url):
-    return openai.OpenAI(base_url=f"{server_url}/v1", api_key="x", max_retries=0)
 
 
 def test_versions_share_one_base_and_list_it_as_their_parent(client, engine, tiny_model_dir):

@@ -14,7 +14,7 @@ import math
 import os
 import re
 import tempfile
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,11 +257,7 @@ def _write_atomic(writer, out_path: Path, plan, config, arch: str, rope_freqs, o
     import torch
     from safetensors import safe_open
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".partial")
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with staged_gguf(writer, out_path) as tmp:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -277,11 +273,23 @@ def _write_atomic(writer, out_path: Path, plan, config, arch: str, rope_freqs, o
         if rope_freqs is not None:
             writer.write_tensor_data(rope_freqs)
         return finish_gguf_file(writer, tmp, out_path)
+
+
+
+@contextmanager
+def staged_gguf(writer, out_path: Path):
+    """A hidden temp file beside `out_path` for `writer` to fill; on any error or interrupt the writer is closed and
+    the temp file removed, so nothing half-written is left."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-
 
 
 def finish_gguf_file(writer, tmp: Path, out_path: Path) -> str:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
@@ -23,6 +21,7 @@ from tunesmith.registry.gguf_export import (
     PERMUTED_ARCHITECTURES,
     finish_gguf_file,
     permute_for_llama_rope,
+    staged_gguf,
 )
 
 LORA_DTYPES = ("f32", "f16")
@@ -160,16 +159,8 @@ def _base_config(base_dir: Path) -> dict:
 
 def _write_atomic(writer, out_path: Path) -> str:
     """Write to a hidden temp file beside `out_path`, fsync, rename; nothing half-written is left on failure."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".partial")
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with staged_gguf(writer, out_path) as tmp:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         return finish_gguf_file(writer, tmp, out_path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise

@@ -40,6 +40,7 @@ def load_served_models(targets: list[ServedTarget], serve_base: bool = True,
         _check_weights(target)
     loaded: dict[str, object] = {}  # versions trained with the same tokenizer files share one copy of it
     tokenizers = {target.name: _checked_tokenizer(target, loaded) for target in trained}
+    decoders: dict[int, object] = {}  # by id of a tokenizer held in `tokenizers` or a served model, so never reused
     bases = {t.base_key for t in targets if serve_base or not t.run.is_trained or t.is_adapter}
     placed = {}
     for base_key in sorted(bases):
@@ -50,11 +51,11 @@ def load_served_models(targets: list[ServedTarget], serve_base: bool = True,
         if target.name not in placed:  # fully fine-tuned
             placed[target.name] = (ModelGroup(load_model(target.run.weights_dir).to(device)), None, "")
         group, adapter, note = placed[target.name]
-        served[target.name] = _served(target.name, group, adapter, tokenizers[target.name], target.base_name,
+        served[target.name] = _served(target.name, group, adapter, tokenizers[target.name], decoders, target.base_name,
                                       str(target.run_dir), note)
     for target in targets:
         if serve_base or not target.run.is_trained:
-            _serve_base(target, served, placed[("base", target.base_key)][0])
+            _serve_base(target, served, placed[("base", target.base_key)][0], decoders)
     return served
 
 
@@ -106,27 +107,24 @@ def _share_base(base_key: str, adapters: list[ServedTarget], device: str) -> dic
     return placed
 
 
-def _serve_base(target: ServedTarget, served: dict[str, ServedModel], group: ModelGroup) -> None:
+def _serve_base(target: ServedTarget, served: dict[str, ServedModel], group: ModelGroup, decoders: dict) -> None:
     if any(model.root == target.base_key and model.parent is None for model in served.values()):
         return  # this base is served already
     name = target.base_name if target.base_name not in served else target.base_name + "-base"
     tokenizer = load_tokenizer(target.base_key)
     if not target.run.is_trained:
         target.run.check_template(tokenizer, whose=f"the model in {target.base_key}")
-    served[name] = _served(name, group, None, tokenizer, None, target.base_key)
+    served[name] = _served(name, group, None, tokenizer, decoders, None, target.base_key)
 
 
-_DECODERS: dict[int, object] = {}
-
-
-def _served(name: str, group: ModelGroup, adapter: str | None, tokenizer, parent, root: str,
+def _served(name: str, group: ModelGroup, adapter: str | None, tokenizer, decoders: dict, parent, root: str,
             note: str = "") -> ServedModel:
     from tokenizers import Tokenizer
 
     stops = frozenset(end_of_turn_token_ids(tokenizer))
-    if id(tokenizer) not in _DECODERS:  # the engine thread's own copy, one per distinct tokenizer
-        _DECODERS[id(tokenizer)] = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    decoder = _DECODERS[id(tokenizer)]
+    if id(tokenizer) not in decoders:  # the engine thread's own copy, one per distinct tokenizer of this server
+        decoders[id(tokenizer)] = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    decoder = decoders[id(tokenizer)]
     route = Route(group, adapter, stops, decoder)
     context = getattr(group.model.config, "max_position_embeddings", None)
     return ServedModel(name, route, tokenizer, parent, root, context, note)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tunesmith.errors import TunesmithError
 
@@ -215,6 +215,50 @@ class EvaluateConfig(_Section):
     """lm-evaluation-harness settings."""
 
 
+class CanaryConfig(_Section):
+    steps: list[float] = [5, 10, 25, 50, 100]
+    """Percent of the route's traffic the candidate gets at each step; it moves on after a healthy window."""
+    window: int = Field(50, ge=1)
+    """Candidate answers judged per step (against production's recent answers) before its share grows."""
+    max_error_rate_increase: float = Field(0.02, ge=0)
+    """Rolled back when the candidate's error rate (5xx, failed generations) exceeds production's by more than this."""
+    max_p95_latency_ratio: float = Field(1.5, gt=0)
+    """Rolled back when the candidate's p95 latency is over this many times production's."""
+    max_json_validity_drop: float | None = None
+    """When set, answers are checked as JSON; rolled back when the candidate's valid share is this much below production's."""
+
+
+class RouteConfig(_Section):
+    split: dict[str, float] = {}
+    """Served names and weights (`orders@production: 90`, `orders@candidate: 10`): each request goes to one of them."""
+    primary: str | None = None
+    """With `shadow` or `canary`: the served name whose answers are returned (such as `orders@production`)."""
+    shadow: str | None = None
+    """Served name that answers every request too; its answers are only logged, never returned."""
+    canary: str | None = None
+    """Served name whose share grows step by step while it stays healthy, and drops to 0 when it does not."""
+    canary_policy: CanaryConfig = CanaryConfig()
+    """Steps, window and thresholds of the canary."""
+    sticky: Literal["key", "user", "none"] = "key"
+    """Keep a caller on one arm: by API key, by the request's `user` field (else the key), or not at all."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RouteConfig:
+        kinds = [kind for kind, on in (("split", bool(self.split)), ("shadow", self.shadow is not None),
+                                       ("canary", self.canary is not None)) if on]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of split, shadow or canary")
+        if kinds[0] != "split" and not self.primary:
+            raise ValueError(f"{kinds[0]} needs a primary (the served name whose answers are returned)")
+        if any(weight < 0 for weight in self.split.values()) or (self.split and not sum(self.split.values())):
+            raise ValueError("split weights must be >= 0 and not all 0")
+        return self
+
+    def arms(self) -> list[str]:
+        """Every served name this route may send a request to."""
+        return list(self.split) or [name for name in (self.primary, self.shadow, self.canary) if name]
+
+
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
     """Address the OpenAI-compatible server listens on."""
@@ -238,6 +282,22 @@ class ServeConfig(_Section):
     """CPU threads the engine computes with; 0: all cores but one, left to the HTTP side (1.4x faster measured)."""
     drain_seconds: float = Field(30, ge=0)
     """On SIGTERM or Ctrl-C: seconds the requests in flight get to finish before the server exits."""
+    routes: dict[str, RouteConfig] = {}
+    """Public names that route traffic between served names: weighted split, shadow, or canary with rollback."""
+    keys_file: Path | None = None
+    """API key store (`tunesmith keys create`); default `<home>/gateway/keys.sqlite`. With no active key the server listens on loopback only."""
+    metrics_public: bool = False
+    """Serve /metrics without an API key (keys still guard everything else)."""
+    request_log: Path | None = None
+    """Folder of the request log (every request and answer, JSONL, fsync'd); default `<home>/requests`."""
+    log_content: Literal["full", "redacted", "none"] = "redacted"
+    """What the request log keeps of prompts and answers: all, with PII replaced by [KIND], or nothing."""
+    log_max_mb: int = Field(64, ge=1)
+    """Size at which the request log file is rotated."""
+    reload_seconds: float = Field(10, ge=0)
+    """How often served aliases (`orders@production`) are checked in the registry and moved live; 0: never."""
+    cors_origins: list[str] = []
+    """Browser origins allowed to call the API (CORS); empty: none."""
 
 
 class RegistryConfig(_Section):
@@ -432,6 +492,11 @@ def option_rows(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tu
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(option_rows(ann, f"{prefix}{name}."))
+            continue
+        value_type = get_args(ann)[-1] if get_origin(ann) is dict else None
+        if isinstance(value_type, type) and issubclass(value_type, BaseModel):  # a mapping of named sections
+            rows.append((f"{prefix}{name}", "mapping", "{}", field.description or ""))
+            rows.extend(option_rows(value_type, f"{prefix}{name}.<NAME>."))
             continue
         if get_origin(ann) is Literal:
             type_name = " | ".join(str(choice) for choice in get_args(ann))

@@ -1,15 +1,19 @@
 """The run contract: typed records of what each stage writes into a run directory (`manifest.json`,
 `eval/report.json`). Stages read them through `registry.run.Run`, never as raw dicts. stdlib + pydantic only.
 
+The request log (`request_log.py`) holds one `RequestLogRecord` per line; serving writes it, monitoring and
+`tunesmith logs export` read it.
+
 Sections keep keys they do not name (`extra="allow"`), so a report written by a newer tunesmith still loads;
 the fields named here are the ones other stages rely on, and they are checked on every read.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MANIFEST_VERSION = 2
 """1: the layout before typed records (no `version` key; same sections). 2: adds `version`, the trained
@@ -208,3 +212,69 @@ class VersionInfo(_Record):
     source: str
     lineage: Lineage
     exports: list[ExportRecord] = Field(default_factory=list)
+
+
+REQUEST_LOG_VERSION = 1
+"""1: the first request log layout (`requests.jsonl`, one record per line)."""
+
+
+class RequestLogRecord(_Record):
+    """One line of the request log: a request the server answered (or refused), and what it answered."""
+
+    version: int = REQUEST_LOG_VERSION
+    id: str
+    """The response id the client got (`chatcmpl-...`, `cmpl-...`)."""
+    time: str
+    """When the request arrived: ISO-8601 UTC with milliseconds (`request_log.utc_timestamp`)."""
+    endpoint: Literal["chat", "completions"]
+    key_id: str | None = None
+    """The API key's id (never the key itself); None when the server runs without keys."""
+    key_name: str | None = None
+    """The API key's human name, as configured."""
+    user: str | None = None
+    """The OpenAI `user` field the client sent."""
+    model: str
+    """The model name the client asked for."""
+    served: str
+    """The served name that answered, e.g. `orders@production` or `orders@candidate`."""
+    registry_model: str | None = None
+    registry_version: str | None = None
+    route: str | None = None
+    """The public route name, when traffic routing chose the arm."""
+    arm: str | None = None
+    """The arm traffic routing chose."""
+    shadow: bool = False
+    """This answer was a shadow copy, not returned to the client."""
+    messages: list[dict] | None = None
+    """Chat messages as sent (chat endpoint); None for completions or when the content was not kept."""
+    prompt: str | None = None
+    """The prompt (completions endpoint); None for chat or when the content was not kept."""
+    answers: list[str] = Field(default_factory=list)
+    """One answer per choice; empty when the content was not kept or the request failed."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float
+    """Seconds from arrival to the last token."""
+    ttft_s: float | None = None
+    """Seconds from arrival to the first token (streamed answers)."""
+    finish_reason: str | None = None
+    """Why choice 0 stopped: `stop`, `length`, ..."""
+    status: int
+    """The HTTP status the client got."""
+    error: str | None = None
+    """The error message the client got, when the status is not 200."""
+    json_valid: bool | None = None
+    """Whether choice 0 parsed as JSON, when the request asked for JSON; None otherwise."""
+    content: Literal["full", "redacted", "none"] = "full"
+    """What this record kept of messages, prompt and answers: as sent, PII-redacted, or nothing."""
+
+    @field_validator("time")
+    @classmethod
+    def _utc_iso_time(cls, time: str) -> str:
+        try:
+            moment = datetime.fromisoformat(time)
+        except ValueError:
+            raise ValueError(f"time {time!r} is not ISO-8601 (e.g. 2026-11-30T12:00:00.000Z)") from None
+        if moment.tzinfo is None:
+            raise ValueError(f"time {time!r} has no time zone; write UTC (a trailing Z)")
+        return time

@@ -15,7 +15,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
@@ -221,13 +221,9 @@ def _drop_cut_last_line(fd: int) -> None:
 
 def request_log_files(directory: Path) -> list[Path]:
     """The log's files oldest first: rotated ones by the time in their name, then the active one."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise TunesmithError(f"no request log in {directory} (no such directory); serve some requests first, "
-                             "or point --dir at the server's request log")
-    rotated = sorted(path for path in directory.iterdir() if ROTATED_NAME.fullmatch(path.name))
+    directory = _existing_log_dir(directory)
     active = directory / ACTIVE_FILE
-    return rotated + ([active] if active.exists() else [])
+    return _rotated_files(directory) + ([active] if active.exists() else [])
 
 
 def read_request_log(directory: Path, since: datetime | None = None,
@@ -236,37 +232,70 @@ def read_request_log(directory: Path, since: datetime | None = None,
     registry name)."""
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=timezone.utc)
-    for path in request_log_files(directory):
-        rotated_at = ROTATED_NAME.fullmatch(path.name)
-        if since and rotated_at and _rotation_time(rotated_at[1]) < since:
-            continue  # rotated before `since`: every request in it arrived earlier
-        for record in _read_file(path, active=path.name == ACTIVE_FILE):
-            if model is not None and model not in (record.model, record.served, record.registry_model):
-                continue
-            if since is not None and datetime.fromisoformat(record.time) < since:
-                continue
-            yield record
+    directory = _existing_log_dir(directory)
+    # The active file is opened before the rotated ones are listed: a rotation in between then shows its
+    # records once (the listed file with the open file's inode is skipped), never zero or two times.
+    active_path = directory / ACTIVE_FILE
+    with ExitStack() as stack:
+        try:
+            active = stack.enter_context(active_path.open("rb"))
+        except FileNotFoundError:
+            active = None
+        except OSError as exc:
+            raise _unreadable(active_path, exc) from None
+        active_inode = os.fstat(active.fileno()).st_ino if active else None
+        for path in _rotated_files(directory):
+            if since and _rotation_time(path) < since:
+                continue  # rotated before `since`: every request in it arrived earlier
+            try:
+                with path.open("rb") as handle:
+                    if os.fstat(handle.fileno()).st_ino != active_inode:
+                        yield from _matching(_read_records(handle, path, active=False), since, model)
+            except OSError as exc:
+                raise _unreadable(path, exc) from None
+        if active:
+            yield from _matching(_read_records(active, active_path, active=True), since, model)
 
 
-def _rotation_time(stamp: str) -> datetime:
+def _existing_log_dir(directory: Path) -> Path:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TunesmithError(f"no request log in {directory} (no such directory); serve some requests first, "
+                             "or point --dir at the server's request log")
+    return directory
+
+
+def _rotated_files(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.iterdir() if ROTATED_NAME.fullmatch(path.name))
+
+
+def _rotation_time(path: Path) -> datetime:
+    stamp = ROTATED_NAME.fullmatch(path.name)[1]
     return datetime.strptime(stamp, ROTATED_TIME_FORMAT).replace(tzinfo=timezone.utc)
 
 
-def _read_file(path: Path, active: bool) -> Iterator[RequestLogRecord]:
-    try:
-        with path.open("rb") as handle:
-            line_no, line = 0, handle.readline()
-            while line:
-                line_no, following = line_no + 1, handle.readline()
-                last = not following
-                if line.strip():
-                    record = _parse_line(path, line_no, line, cut_allowed=active and last)
-                    if record is not None:
-                        yield record
-                line = following
-    except OSError as exc:
-        raise TunesmithError(f"{path}: cannot read the request log ({exc.strerror or exc}); "
-                             "check its permissions") from None
+def _matching(records: Iterator[RequestLogRecord], since: datetime | None, model: str | None):
+    for record in records:
+        if model is not None and model not in (record.model, record.served, record.registry_model):
+            continue
+        if since is not None and datetime.fromisoformat(record.time) < since:
+            continue
+        yield record
+
+
+def _read_records(handle, path: Path, active: bool) -> Iterator[RequestLogRecord]:
+    line_no, line = 0, handle.readline()
+    while line:
+        line_no, following = line_no + 1, handle.readline()
+        if line.strip():
+            record = _parse_line(path, line_no, line, cut_allowed=active and not following)
+            if record is not None:
+                yield record
+        line = following
+
+
+def _unreadable(path: Path, exc: OSError) -> TunesmithError:
+    return TunesmithError(f"{path}: cannot read the request log ({exc.strerror or exc}); check its permissions")
 
 
 def _parse_line(path: Path, line_no: int, line: bytes, cut_allowed: bool) -> RequestLogRecord | None:

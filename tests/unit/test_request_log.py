@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from tunesmith import request_log
 from tunesmith.cli.logs_command import logs_app
 from tunesmith.data.formats import read_examples
 from tunesmith.errors import TunesmithError
@@ -93,6 +94,24 @@ def test_rotation_by_size_keeps_every_record_in_order(tmp_path):
     assert len(files) >= 7 and files[-1].name == "requests.jsonl"
     assert all(path.stat().st_size <= line_bytes * 4 for path in files)
     assert [r.id for r in read_request_log(tmp_path)] == [r.id for r in records]
+
+
+def test_a_rotation_while_a_reader_starts_shows_each_record_once(tmp_path, monkeypatch):
+    line_bytes = len(chat_record(0).model_dump_json()) + 1
+    writer = RequestLogWriter(tmp_path, max_bytes=line_bytes * 3)
+    for n in range(3):
+        writer.append(chat_record(n))
+    list_rotated = request_log._rotated_files
+
+    def rotate_then_list(directory):
+        writer.append(chat_record(3))  # the active file is full: this append rotates it first
+        return list_rotated(directory)
+
+    monkeypatch.setattr(request_log, "_rotated_files", rotate_then_list)
+    assert [r.id for r in read_request_log(tmp_path)] == ["chatcmpl-0", "chatcmpl-1", "chatcmpl-2"]
+    monkeypatch.undo()
+    writer.close()
+    assert [r.id for r in read_request_log(tmp_path)] == [f"chatcmpl-{n}" for n in range(4)]
 
 
 def test_two_writers_on_one_directory_rotate_without_losing_or_mixing_lines(tmp_path):

@@ -118,9 +118,13 @@ class RequestLogWriter:
                 size = os.fstat(fd).st_size
                 if size and size + len(line) > self.max_bytes:
                     self._rotate()
-                    fd = self._current_file()
-                _write_all(fd, line)
-                os.fsync(fd)
+                    fd, size = self._current_file(), 0
+                try:
+                    _write_all(fd, line)
+                    os.fsync(fd)
+                except OSError:
+                    os.ftruncate(fd, size)  # a full disk must not leave half a line for the next record to join
+                    raise
 
     def close(self) -> None:
         with self._thread_lock:
@@ -172,7 +176,7 @@ class RequestLogWriter:
     def _rotate(self) -> None:
         moment = datetime.now(timezone.utc).replace(tzinfo=None)
         target = self.directory / f"requests-{moment.strftime(ROTATED_TIME_FORMAT)}.jsonl"
-        while target.exists():  # two rotations in one microsecond, or a clock set back: keep names unique
+        while target.exists():  # two rotations in one microsecond: keep names unique
             moment += timedelta(microseconds=1)
             target = self.directory / f"requests-{moment.strftime(ROTATED_TIME_FORMAT)}.jsonl"
         os.replace(self.directory / ACTIVE_FILE, target)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -163,6 +165,23 @@ def test_a_line_cut_by_a_crash_is_skipped_and_the_next_writer_starts_clean(tmp_p
     write_log(tmp_path, [chat_record(2)])
     assert [r.id for r in read_request_log(tmp_path)] == ["chatcmpl-1", "chatcmpl-2"]
     assert b"chatcmpl-cut" not in (tmp_path / "requests.jsonl").read_bytes()
+
+
+def test_a_failed_append_leaves_no_half_line_behind(tmp_path, monkeypatch):
+    writer = RequestLogWriter(tmp_path)
+    writer.append(chat_record(1))
+
+    def disk_full_half_way(fd, data):
+        os.write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(request_log, "_write_all", disk_full_half_way)
+    with pytest.raises(OSError):
+        writer.append(chat_record(2))
+    monkeypatch.undo()
+    writer.append(chat_record(3))
+    writer.close()
+    assert [r.id for r in read_request_log(tmp_path)] == ["chatcmpl-1", "chatcmpl-3"]
 
 
 def test_a_bad_line_in_the_middle_names_file_and_line(tmp_path):

@@ -27,10 +27,7 @@ def serve_command(references: list[str], config: Path | None, base: bool | None,
     if engine == "native":
         from tunesmith.serve.app import run_server
 
-        run_server(references, host, port, settings.max_new_tokens, serve_base=serve_base,
-                   max_batch=settings.max_batch, max_waiting=settings.max_waiting,
-                   request_timeout=settings.request_timeout, drain_seconds=settings.drain_seconds,
-                   threads=settings.threads)
+        run_server(references, settings.model_copy(update={"host": host, "port": port}), serve_base)
         return 0
     from tunesmith.serve.targets import resolve_targets
 

@@ -42,11 +42,13 @@ class JobEvents:
     """The events of one HTTP request's generation requests (several prompts, `n` choices each), choice indexes
     numbered across prompts."""
 
-    def __init__(self, handles: list, queue: asyncio.Queue, choices: int):
+    def __init__(self, handles: list, queue: asyncio.Queue, choices: int, watch=None):
         self.handles, self.queue, self.choices = handles, queue, choices
+        self.watch = watch
+        """Told of every update and failure (`on_update(index, update)`, `on_failed(failed)`): the gateway's clock."""
 
     @classmethod
-    def submit(cls, engine: ServingEngine, plans: list[GenerationRequest]) -> JobEvents:
+    def submit(cls, engine: ServingEngine, plans: list[GenerationRequest], watch=None) -> JobEvents:
         loop, queue, handles = asyncio.get_running_loop(), asyncio.Queue(), []
         try:
             offset = 0
@@ -60,7 +62,7 @@ class JobEvents:
             for handle in handles:
                 handle.cancel()
             raise
-        return cls(handles, queue, offset)
+        return cls(handles, queue, offset, watch)
 
     def cancel(self) -> None:
         for handle in self.handles:
@@ -79,8 +81,12 @@ class JobEvents:
                         return
                     continue
                 if isinstance(event, Failed):
+                    if self.watch is not None:
+                        self.watch.on_failed(event)
                     raise GenerationFailed(event)
                 unfinished -= event.finish_reason is not None
+                if self.watch is not None:
+                    self.watch.on_update(offset + event.index, event)
                 yield offset + event.index, event
         finally:
             self.cancel()
@@ -140,9 +146,10 @@ def chat_response(request: ChatCompletionRequest, collector: ChoiceCollector,
                                   usage=_usage(plans, collector.completion_tokens))
 
 
-async def chat_chunks(request: ChatCompletionRequest, events: JobEvents) -> AsyncIterator[str]:
+async def chat_chunks(request: ChatCompletionRequest, events: JobEvents,
+                      stream_id: str | None = None) -> AsyncIterator[str]:
     """`data: {chunk}` events: each choice's role, its text deltas, its finish reason; usage when asked; `[DONE]`."""
-    stream_id, created, completion_tokens = completion_id(), now(), {}
+    stream_id, created, completion_tokens = stream_id or completion_id(), now(), {}
 
     def event(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         chunk = ChatCompletionChunk(id=stream_id, created=created, model=request.model, choices=choices, usage=usage)
@@ -191,8 +198,9 @@ def completion_response(request: CompletionRequest, collector: ChoiceCollector, 
     return CompletionResponse(model=request.model, choices=choices, usage=_usage(plans, collector.completion_tokens))
 
 
-async def completion_chunks(request: CompletionRequest, events: JobEvents, echoes: list[str]) -> AsyncIterator[str]:
-    stream_id, created, completion_tokens, offsets = completion_id("cmpl"), now(), {}, {}
+async def completion_chunks(request: CompletionRequest, events: JobEvents, echoes: list[str],
+                            stream_id: str | None = None) -> AsyncIterator[str]:
+    stream_id, created, completion_tokens, offsets = stream_id or completion_id("cmpl"), now(), {}, {}
 
     def event(choices: list[TextChoice], usage: Usage | None = None) -> str:
         chunk = CompletionResponse(id=stream_id, created=created, model=request.model, choices=choices, usage=usage)

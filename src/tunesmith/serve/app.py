@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
+from tunesmith.config import ServeConfig
+from tunesmith.generation.requests import GenerationRequest
 from tunesmith.serve.answers import (
     ChoiceCollector,
     JobEvents,
@@ -16,88 +19,169 @@ from tunesmith.serve.answers import (
     completion_chunks,
     completion_response,
 )
-from tunesmith.serve.engine import ServingEngine
+from tunesmith.serve.engine import ModelNotFound, ServingEngine
 from tunesmith.serve.errors import MAX_REQUEST_BYTES, BodySizeLimit, install_error_handlers
+from tunesmith.serve.gateway.exchange import Exchange
+from tunesmith.serve.gateway.gateway import Gateway, KeyCheck
 from tunesmith.serve.http_protocol import OpenAIErrorH11Protocol
 from tunesmith.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
 
-def build_app(engine: ServingEngine, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
-    """`/health`, `/v1/models`, `/v1/chat/completions` and `/v1/completions` over `engine`."""
+def build_app(engine: ServingEngine, max_request_bytes: int = MAX_REQUEST_BYTES, gateway: Gateway | None = None,
+              cors_origins: list[str] | tuple[str, ...] = ()) -> FastAPI:
+    """`/health`, `/metrics`, `/v1/models`, `/v1/chat/completions` and `/v1/completions` over `engine`, behind
+    `gateway` (keys, limits, routes, request log; without one: no keys, no log, metrics only)."""
+    gateway = gateway or Gateway(engine)
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None)
-    install_error_handlers(app)
+    install_error_handlers(app, gateway.metrics.rejected)
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    app.add_middleware(KeyCheck, gateway=gateway)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.state.gateway = gateway
 
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "models": engine.list_models()}
 
+    @app.get("/metrics")
+    def metrics() -> Response:
+        body, content_type = gateway.metrics.exposition()
+        return Response(body, media_type=content_type)
+
     @app.get("/v1/models")
-    def list_models() -> ModelList:
-        return ModelList(data=engine.model_cards())
+    def list_models(raw: Request) -> ModelList:
+        visible = set(gateway.visible_models(gateway.key_of(raw)))
+        return ModelList(data=[card for card in _model_cards(engine, gateway) if card.id in visible])
 
     @app.get("/v1/models/{name:path}")
-    def show_model(name: str) -> ModelCard:
-        engine.check_model(name)
-        return next(card for card in engine.model_cards() if card.id == name)
+    def show_model(name: str, raw: Request) -> ModelCard:
+        visible = gateway.visible_models(gateway.key_of(raw))
+        card = next((card for card in _model_cards(engine, gateway) if card.id == name and name in visible), None)
+        if card is None:
+            raise ModelNotFound(name, visible)
+        return card
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: ChatCompletionRequest, raw: Request):
-        plan = await run_in_threadpool(engine.plan_chat, request)  # tokenizing and grammar compiling block
-        events = JobEvents.submit(engine, [plan])
-        if request.stream:
-            return StreamingResponse(chat_chunks(request, events), media_type="text/event-stream")
-        collector = ChoiceCollector(request.n)
-        await events.collect(collector, raw)
-        return chat_response(request, collector, [plan])
+        def plan(exchange: Exchange) -> list[GenerationRequest]:
+            return [engine.plan_chat(_routed(request, exchange))]
+
+        exchange = gateway.open(raw, request, "chat")
+        async with exchange.recording_failures():
+            plans = await run_in_threadpool(plan, exchange)  # tokenizing and grammar compiling block
+            events = _submit(engine, gateway, exchange, plans, plan)
+            if request.stream:
+                return _streamed(exchange, chat_chunks(request, events, stream_id=exchange.id))
+            collector = ChoiceCollector(request.n)
+            await events.collect(collector, raw)
+        return await exchange.answered(chat_response(request, collector, plans))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: CompletionRequest, raw: Request):
-        plans = await run_in_threadpool(engine.plan_completion, request)
-        echoes = [_echo(engine, request, plan.prompt_ids) for plan in plans]
-        events = JobEvents.submit(engine, plans)
-        if request.stream:
-            return StreamingResponse(completion_chunks(request, events, echoes), media_type="text/event-stream")
-        collector = ChoiceCollector(request.n * len(plans))
-        await events.collect(collector, raw)
-        return completion_response(request, collector, plans, echoes)
+        def plan(exchange: Exchange) -> list[GenerationRequest]:
+            return engine.plan_completion(_routed(request, exchange))
+
+        exchange = gateway.open(raw, request, "completions")
+        async with exchange.recording_failures():
+            plans = await run_in_threadpool(plan, exchange)
+            echoes = [_echo(engine, exchange.served, request, p.prompt_ids) for p in plans]
+            events = _submit(engine, gateway, exchange, plans, plan)
+            if request.stream:
+                return _streamed(exchange, completion_chunks(request, events, echoes, stream_id=exchange.id))
+            collector = ChoiceCollector(request.n * len(plans))
+            await events.collect(collector, raw)
+        return await exchange.answered(completion_response(request, collector, plans, echoes))
 
     return app
 
 
-def _echo(engine: ServingEngine, request: CompletionRequest, prompt_ids: list[int]) -> str:
+def _routed(request, exchange: Exchange):
+    """The request as the engine plans it: for the served name the route chose (answers keep the asked name)."""
+    return request if exchange.served == request.model else request.model_copy(update={"model": exchange.served})
+
+
+def _submit(engine: ServingEngine, gateway: Gateway, exchange: Exchange, plans: list[GenerationRequest],
+            plan: Callable[[Exchange], list[GenerationRequest]]) -> JobEvents:
+    """Count the request against its key's limits, queue it, and start the route's shadow answer if it has one."""
+    gateway.admit(exchange, plans)
+    events = JobEvents.submit(engine, plans, watch=exchange)
+    gateway.shadow(exchange, lambda shadow: _shadow_answer(engine, shadow, plan))
+    return events
+
+
+def _streamed(exchange: Exchange, chunks) -> StreamingResponse:
+    return StreamingResponse(exchange.logged_stream(chunks), media_type="text/event-stream")
+
+
+async def _shadow_answer(engine: ServingEngine, exchange: Exchange, plan) -> None:
+    """The shadow arm's whole answer, recorded through its own exchange only (its failures are never the caller's)."""
+    async with exchange.recording_failures(reraise=False):
+        exchange.plans = await run_in_threadpool(plan, exchange)
+        async for _ in JobEvents.submit(engine, exchange.plans, watch=exchange).updates():
+            pass
+        await exchange.finish()
+
+
+def _model_cards(engine: ServingEngine, gateway: Gateway) -> list[ModelCard]:
+    """Served models, then each traffic route (listed as its primary or first arm's model)."""
+    cards = engine.model_cards()
+    by_id = {card.id: card for card in cards}
+    for name, route in gateway.router.routes.items():
+        first = by_id[route.arms()[0]]
+        cards.append(ModelCard(id=name, parent=first.parent, root=first.root, max_model_len=first.max_model_len))
+    return cards
+
+
+def _echo(engine: ServingEngine, served: str, request: CompletionRequest, prompt_ids: list[int]) -> str:
     if not request.echo:
         return ""
-    return engine.check_model(request.model).tokenizer.decode(prompt_ids)
+    return engine.check_model(served).tokenizer.decode(prompt_ids)
 
 
-def run_server(references: list[str] | Path | str, host: str = "127.0.0.1", port: int = 8000,
-               default_max_tokens: int = 256, log_level: str = "warning", serve_base: bool = True,
-               max_batch: int = 32, max_waiting: int = 64, request_timeout: float | None = 600,
-               drain_seconds: float = 30, threads: int = 0) -> None:
-    """Load the served versions and serve them until SIGTERM/Ctrl-C, which stops taking requests and lets those in
-    flight finish for up to `drain_seconds`."""
+def run_server(references: list[str] | Path | str, settings: ServeConfig | None = None, serve_base: bool = True,
+               log_level: str = "warning") -> None:
+    """Load the served versions and serve them behind the gateway until SIGTERM/Ctrl-C, which stops taking requests
+    and lets those in flight finish for up to `settings.drain_seconds`."""
     import os
 
     import torch
     import uvicorn
 
+    settings = settings or ServeConfig()
     if not torch.cuda.is_available():
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-        torch.set_num_threads(threads or max(1, cores - 1))
+        torch.set_num_threads(settings.threads or max(1, cores - 1))
 
     references = [str(references)] if isinstance(references, (str, Path)) else references
-    engine = ServingEngine.from_references(references, serve_base, default_max_tokens=default_max_tokens,
-                                           max_batch=max_batch, max_waiting=max_waiting,
-                                           request_timeout=request_timeout)
+    references += [arm for route in settings.routes.values() for arm in route.arms() if arm not in references]
+    engine = ServingEngine.from_references(references, serve_base, default_max_tokens=settings.max_new_tokens,
+                                           max_batch=settings.max_batch, max_waiting=settings.max_waiting,
+                                           request_timeout=settings.request_timeout)
+    gateway = Gateway.from_settings(engine, settings)
+    host = settings.host
+    if not gateway.keys_required() and host not in LOOPBACK:
+        print(f"No API key exists, so the server listens on 127.0.0.1 only, not {host}: create one with "
+              "`tunesmith keys create --name NAME` to serve other machines.", flush=True)
+        host = "127.0.0.1"
     engine.start()
-    print(f"Serving {', '.join(engine.list_models())} at http://{host}:{port}/v1 (OpenAI-compatible)", flush=True)
+    print(f"Serving {', '.join(gateway.visible_models(None))} at http://{host}:{settings.port}/v1 "
+          f"(OpenAI-compatible; API keys {'required' if gateway.keys_required() else 'off'}; request log in "
+          f"{gateway.request_log.directory})", flush=True)
     for name in engine.list_models():
         if engine.models[name].note:
             print(f"  {name} {engine.models[name].note}", flush=True)
-    config = uvicorn.Config(build_app(engine), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=drain_seconds, http=OpenAIErrorH11Protocol)
+    app = build_app(engine, gateway=gateway, cors_origins=settings.cors_origins)
+    config = uvicorn.Config(app, host=host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=settings.drain_seconds, http=OpenAIErrorH11Protocol)
     try:
         uvicorn.Server(config).run()
     finally:
         engine.stop()
+        gateway.close()
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -3,6 +3,8 @@ a full queue 429 with Retry-After, shutting down or overdue 503, our own bugs 50
 
 from __future__ import annotations
 
+from typing import Callable
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -11,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunesmith.errors import TunesmithError
 from tunesmith.generation.engine import EngineBusy, EngineClosed
 from tunesmith.serve.engine import GenerationFailed, ModelNotFound
+from tunesmith.serve.gateway.rate_limits import RateLimited
 from tunesmith.serve.protocol import ErrorDetail, ErrorResponse
 
 MAX_REQUEST_BYTES = 4 * 2**20
@@ -56,42 +59,54 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
     return JSONResponse(error_body(message, kind, param, code).model_dump(), status_code=status, headers=headers)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+class ModelNotAllowed(TunesmithError):
+    """The caller's API key may not use the model it named (a 403)."""
+
+    def __init__(self, key_name: str, model: str):
+        super().__init__(f"API key {key_name!r} may not use model {model!r}; ask for a key that allows it "
+                         "(`tunesmith keys create --models ...`)")
+
+
+def error_of(exc: Exception) -> tuple[JSONResponse, str]:
+    """The OpenAI-shaped response for an exception, and the rejection reason that metrics count it under."""
+    if isinstance(exc, RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         param = ".".join(str(part) for part in first["loc"] if part != "body") or None
-        return error_response(400, f"{param or 'body'}: {first['msg']}", param=param)
-
-    @app.exception_handler(ModelNotFound)
-    async def unknown_model(_: Request, exc: ModelNotFound) -> JSONResponse:
-        return error_response(404, str(exc), param="model", code="model_not_found")
-
-    @app.exception_handler(EngineBusy)
-    async def busy(_: Request, exc: EngineBusy) -> JSONResponse:
+        return error_response(400, f"{param or 'body'}: {first['msg']}", param=param), "invalid_request"
+    if isinstance(exc, ModelNotFound):
+        return error_response(404, str(exc), param="model", code="model_not_found"), "not_found"
+    if isinstance(exc, ModelNotAllowed):
+        return error_response(403, str(exc), kind="permission_error", param="model",
+                              code="model_not_allowed"), "forbidden_model"
+    if isinstance(exc, RateLimited):
+        return error_response(429, str(exc), kind="rate_limit_error", code=f"rate_limit_{exc.limit}",
+                              headers={"Retry-After": str(exc.retry_after)}), f"rate_limited_{exc.limit}"
+    if isinstance(exc, EngineBusy):
         return error_response(429, str(exc), kind="rate_limit_error", code="server_busy",
-                              headers={"Retry-After": str(exc.retry_after)})
-
-    @app.exception_handler(EngineClosed)
-    async def closing(_: Request, exc: EngineClosed) -> JSONResponse:
-        return error_response(503, str(exc), kind="server_error", code="shutting_down")
-
-    @app.exception_handler(GenerationFailed)
-    async def failed(_: Request, exc: GenerationFailed) -> JSONResponse:
+                              headers={"Retry-After": str(exc.retry_after)}), "server_busy"
+    if isinstance(exc, EngineClosed):
+        return error_response(503, str(exc), kind="server_error", code="shutting_down"), "shutting_down"
+    if isinstance(exc, GenerationFailed):
         if exc.reason == "deadline":
             return error_response(503, str(exc), kind="server_error", code="deadline_exceeded",
-                                  headers={"Retry-After": "5"})
-        return error_response(500, str(exc), kind="server_error")
-
-    @app.exception_handler(TunesmithError)
-    async def bad_request(_: Request, exc: TunesmithError) -> JSONResponse:
-        return error_response(400, str(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+                                  headers={"Retry-After": "5"}), "deadline"
+        return error_response(500, str(exc), kind="server_error"), "server_error"
+    if isinstance(exc, TunesmithError):
+        return error_response(400, str(exc)), "invalid_request"
+    if isinstance(exc, StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), kind=kind)
+        reason = "not_found" if exc.status_code == 404 else "invalid_request"
+        return error_response(exc.status_code, str(exc.detail), kind=kind), reason
+    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error"), "server_error"
 
-    @app.exception_handler(Exception)
-    async def server_error(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
+
+def install_error_handlers(app: FastAPI, on_error: Callable[[str], None] = lambda reason: None) -> None:
+    """Every exception becomes its OpenAI-shaped response; `on_error` hears the reason (for metrics)."""
+
+    async def handle(_: Request, exc: Exception) -> JSONResponse:
+        response, reason = error_of(exc)
+        on_error(reason)
+        return response
+
+    for kind in (RequestValidationError, TunesmithError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, handle)

@@ -96,6 +96,8 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    user: str | None = Field(default=None, max_length=256)
+    """The caller's end user: logged, and what `sticky: user` routes keep on one arm."""
 
     @model_validator(mode="before")
     @classmethod

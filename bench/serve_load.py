@@ -198,14 +198,14 @@ async def ask(client: httpx.AsyncClient, url: str, model: str, messages: list[di
 
 
 async def drive(url: str, models: list[str], prompts: list[list[dict]], clients: int, max_tokens: int,
-                time_limit: float) -> tuple[list[Answer], float]:
+                time_limit: float, headers: dict | None = None) -> tuple[list[Answer], float]:
     """`clients` loops each take the next prompt as soon as their last answer is in; none starts after `time_limit`.
     Request i goes to models[i % len(models)]; wall time runs from the first request to the last answer."""
     pending, answers = iter(range(len(prompts))), []
     # A fresh connection per request: llama-server (cpp-httplib) closes a kept-alive one after 5 requests, and a
     # request racing that close fails; on localhost a connection costs well under a millisecond.
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits, headers=headers) as client:
         started = time.perf_counter()
         deadline = started + time_limit
 
@@ -219,9 +219,11 @@ async def drive(url: str, models: list[str], prompts: list[list[dict]], clients:
     return sorted(answers, key=lambda a: a.index), max((a.ended for a in answers), default=started) - started
 
 
-def timed_load(engine: str, url: str, names: list[str], clients: int, prompts: list[list[dict]], args) -> Load:
+def timed_load(engine: str, url: str, names: list[str], clients: int, prompts: list[list[dict]], args,
+               headers: dict | None = None) -> Load:
     load = Load(engine, clients)
-    load.answers, load.seconds = asyncio.run(drive(url, names, prompts, clients, args.max_tokens, args.load_seconds))
+    load.answers, load.seconds = asyncio.run(drive(url, names, prompts, clients, args.max_tokens, args.load_seconds,
+                                                   headers))
     load.load_average = round(os.getloadavg()[0], 2)
     if failed := [a for a in load.answers if a.error]:
         load.error = f"{len(failed)}/{len(load.answers)} failed, first: {failed[0].error}"

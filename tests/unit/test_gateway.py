@@ -265,3 +265,26 @@ def test_the_request_log_survives_a_sigkill_with_every_answered_request(runs, tm
             server.kill()
     logged = {record.id for record in read_request_log(tmp_path / "log")}
     assert len(answered) >= 12 and set(answered) <= logged
+
+
+def test_without_keys_the_server_stays_on_loopback_and_says_so():
+    from tunesmith.serve.app import listen_host
+
+    host, warning = listen_host("0.0.0.0", keys_required=False)
+    assert host == "127.0.0.1" and "No API key exists" in warning and "0.0.0.0" in warning
+    assert listen_host("0.0.0.0", keys_required=True) == ("0.0.0.0", None)
+    assert listen_host("127.0.0.1", keys_required=False) == ("127.0.0.1", None)
+
+
+def test_cors_is_off_unless_origins_are_configured(engine):
+    from fastapi.testclient import TestClient
+
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    closed = TestClient(build_app(engine)).options("/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in closed.headers
+    app = build_app(engine, cors_origins=["https://app.example"])
+    opened = TestClient(app).options("/v1/chat/completions", headers=preflight)
+    assert opened.status_code == 200 and opened.headers["access-control-allow-origin"] == "https://app.example"
+    other = TestClient(app).options("/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers

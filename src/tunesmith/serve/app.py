@@ -162,11 +162,9 @@ def run_server(references: list[str] | Path | str, settings: ServeConfig | None 
                                            max_batch=settings.max_batch, max_waiting=settings.max_waiting,
                                            request_timeout=settings.request_timeout)
     gateway = Gateway.from_settings(engine, settings)
-    host = settings.host
-    if not gateway.keys_required() and host not in LOOPBACK:
-        print(f"No API key exists, so the server listens on 127.0.0.1 only, not {host}: create one with "
-              "`tunesmith keys create --name NAME` to serve other machines.", flush=True)
-        host = "127.0.0.1"
+    host, warning = listen_host(settings.host, gateway.keys_required())
+    if warning:
+        print(warning, flush=True)
     engine.start()
     print(f"Serving {', '.join(gateway.visible_models(None))} at http://{host}:{settings.port}/v1 "
           f"(OpenAI-compatible; API keys {'required' if gateway.keys_required() else 'off'}; request log in "
@@ -185,3 +183,11 @@ def run_server(references: list[str] | Path | str, settings: ServeConfig | None 
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def listen_host(host: str, keys_required: bool) -> tuple[str, str | None]:
+    """Where to listen: without any API key only loopback, whatever was asked (and a line that says so)."""
+    if keys_required or host in LOOPBACK:
+        return host, None
+    return "127.0.0.1", (f"No API key exists, so the server listens on 127.0.0.1 only, not {host}: create one with "
+                         "`tunesmith keys create --name NAME` to serve other machines.")

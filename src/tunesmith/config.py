@@ -259,6 +259,17 @@ class RouteConfig(_Section):
         return list(self.split) or [name for name in (self.primary, self.shadow, self.canary) if name]
 
 
+class JobsConfig(_Section):
+    enabled: bool = True
+    """Serve OpenAI's fine-tuning API (/v1/files, /v1/fine_tuning/jobs) beside chat, with a worker that runs the jobs."""
+    concurrency: int = Field(1, ge=1)
+    """Jobs trained at once, each in its own process; more wait in the queue."""
+    max_file_mb: int = Field(512, ge=1)
+    """Largest file `files.create` accepts."""
+    models: dict[str, str] = {}
+    """Base models jobs may name besides the default (SmolLM2-135M-Instruct): name -> local folder or Hub id."""
+
+
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
     """Address the OpenAI-compatible server listens on."""
@@ -298,6 +309,8 @@ class ServeConfig(_Section):
     """How often served aliases (`orders@production`) are checked in the registry and moved live; 0: never."""
     cors_origins: list[str] = []
     """Browser origins allowed to call the API (CORS); empty: none."""
+    jobs: JobsConfig = JobsConfig()
+    """The self-hosted fine-tuning API."""
 
 
 class RegistryConfig(_Section):

@@ -278,3 +278,26 @@ class RequestLogRecord(_Record):
         if moment.tzinfo is None:
             raise ValueError(f"time {time!r} has no time zone; write UTC (a trailing Z)")
         return time
+
+
+FEEDBACK_VERSION = 1
+"""1: the first feedback layout (`feedback.jsonl` beside the request log, one record per line)."""
+
+
+class FeedbackRecord(_Record):
+    """A caller's verdict on one logged answer (`POST /v1/feedback`): what monitoring counts and the next training
+    set is made of."""
+
+    version: int = FEEDBACK_VERSION
+    id: str
+    """`fb-...`"""
+    time: str
+    """When it arrived: ISO-8601 UTC with milliseconds."""
+    completion_id: str
+    """The `id` of the answer it judges (a request log record's id)."""
+    key_id: str | None = None
+    """The API key that sent it; only the key that got the answer may judge it."""
+    rating: Literal["positive", "negative", "neutral"]
+    corrected: str | None = None
+    """The answer the caller wanted instead (becomes the training target)."""
+    comment: str | None = None

@@ -25,9 +25,10 @@ from pydantic import ValidationError
 from tunesmith.data.pii import redact
 from tunesmith.errors import TunesmithError
 from tunesmith.models import tunesmith_home
-from tunesmith.records import REQUEST_LOG_VERSION, RequestLogRecord
+from tunesmith.records import FEEDBACK_VERSION, REQUEST_LOG_VERSION, FeedbackRecord, RequestLogRecord
 
 ACTIVE_FILE = "requests.jsonl"
+FEEDBACK_FILE = "feedback.jsonl"
 LOCK_FILE = ".lock"
 ROTATED_TIME_FORMAT = "%Y%m%dT%H%M%S%f"
 ROTATED_NAME = re.compile(r"requests-(\d{8}T\d{12})\.jsonl")
@@ -324,3 +325,43 @@ def _parse_line(path: Path, line_no: int, line: bytes, cut_allowed: bool) -> Req
         where = ".".join(str(part) for part in problem["loc"]) or "the line"
         raise TunesmithError(f"{path}:{line_no}: not a request log record ({where}: {problem['msg']}); "
                              "delete that line or move the file out of the log directory") from None
+
+
+# --- feedback ---------------------------------------------------------------------------------------------------
+
+def append_feedback(directory: Path, record: FeedbackRecord) -> None:
+    """Append one feedback record to `directory`/feedback.jsonl, fsync'd (feedback is small: never rotated)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record.model_dump(mode="json"), ensure_ascii=False, separators=(",", ":")) + "\n")
+    fd = os.open(directory / FEEDBACK_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        _drop_cut_last_line(fd)
+        _write_all(fd, line.encode("utf-8", "backslashreplace"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_feedback(directory: Path, since: datetime | None = None) -> Iterator[FeedbackRecord]:
+    """Every feedback record oldest first (none when nobody gave any), from `since` on."""
+    path = Path(directory) / FEEDBACK_FILE
+    if not path.exists():
+        return
+    with path.open("rb") as handle:
+        lines = handle.read().split(b"\n")
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = FeedbackRecord.model_validate_json(line)
+        except ValidationError as exc:
+            if line_no == len(lines):  # a last line cut by a crash
+                return
+            raise TunesmithError(f"{path}:{line_no}: not a feedback record ({exc.errors()[0]['msg']}); "
+                                 "fix or delete that line") from None
+        if record.version > FEEDBACK_VERSION:
+            raise TunesmithError(f"{path}:{line_no}: feedback version {record.version} is newer than this "
+                                 "tunesmith reads; upgrade tunesmith")
+        if since is None or datetime.fromisoformat(record.time) >= since:
+            yield record

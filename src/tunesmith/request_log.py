@@ -69,21 +69,21 @@ def apply_content_policy(record: RequestLogRecord, content: ContentPolicy) -> Re
         return record.model_copy(update={"messages": None, "prompt": None, "answers": [], "content": "none"})
     if content == "redacted":
         messages = None if record.messages is None else [
-            {key: value if key == "role" else _redacted(value) for key, value in message.items()}
+            {key: value if key == "role" else redact_texts(value) for key, value in message.items()}
             for message in record.messages]
-        return record.model_copy(update={"messages": messages, "prompt": _redacted(record.prompt),
-                                         "answers": _redacted(record.answers), "content": "redacted"})
+        return record.model_copy(update={"messages": messages, "prompt": redact_texts(record.prompt),
+                                         "answers": redact_texts(record.answers), "content": "redacted"})
     return record
 
 
-def _redacted(value):
+def redact_texts(value):
     """Every string inside `value` (a message field, a prompt, the answers) with its PII replaced."""
     if isinstance(value, str):
         return redact(value, Counter())
     if isinstance(value, list):
-        return [_redacted(item) for item in value]
+        return [redact_texts(item) for item in value]
     if isinstance(value, dict):
-        return {key: _redacted(item) for key, item in value.items()}
+        return {key: redact_texts(item) for key, item in value.items()}
     return value
 
 

@@ -288,3 +288,27 @@ def test_cors_is_off_unless_origins_are_configured(engine):
     assert opened.status_code == 200 and opened.headers["access-control-allow-origin"] == "https://app.example"
     other = TestClient(app).options("/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_feedback_is_taken_only_for_answers_the_key_got_and_lands_beside_the_log(engine, tmp_path):
+    from tunesmith.request_log import read_feedback
+
+    store, _, serving = _served(engine, tmp_path, content="redacted")
+    _, mine = store.create("mine")
+    _, theirs = store.create("theirs")
+    with serving as url:
+        reply = _client(url, mine).chat.completions.create(model="alpha", messages=PROMPT, max_tokens=3)
+        body = {"completion_id": reply.id, "rating": "negative", "corrected": '{"item": "mug"} mail a@b.org',
+                "comment": "wrong item"}
+        sent = httpx.post(f"{url}/v1/feedback", json=body, headers={"Authorization": f"Bearer {mine}"})
+        stolen = httpx.post(f"{url}/v1/feedback", json=body, headers={"Authorization": f"Bearer {theirs}"})
+        unknown = httpx.post(f"{url}/v1/feedback", json={**body, "completion_id": "chatcmpl-nope"},
+                             headers={"Authorization": f"Bearer {mine}"})
+        bad = httpx.post(f"{url}/v1/feedback", json={**body, "rating": "great"},
+                         headers={"Authorization": f"Bearer {mine}"})
+        anonymous = httpx.post(f"{url}/v1/feedback", json=body)
+    assert sent.status_code == 200 and sent.json()["object"] == "feedback"
+    assert (stolen.status_code, unknown.status_code, bad.status_code, anonymous.status_code) == (404, 404, 400, 401)
+    [record] = read_feedback(tmp_path / "log")
+    assert (record.completion_id, record.rating, record.comment) == (reply.id, "negative", "wrong item")
+    assert record.corrected == '{"item": "mug"} mail [EMAIL]'  # the log's redaction applies to feedback too

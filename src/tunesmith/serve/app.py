@@ -24,7 +24,14 @@ from tunesmith.serve.errors import MAX_REQUEST_BYTES, BodySizeLimit, install_err
 from tunesmith.serve.gateway.exchange import Exchange
 from tunesmith.serve.gateway.gateway import Gateway, KeyCheck
 from tunesmith.serve.http_protocol import OpenAIErrorH11Protocol
-from tunesmith.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from tunesmith.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FeedbackRequest,
+    FeedbackResponse,
+    ModelCard,
+    ModelList,
+)
 
 
 def build_app(engine: ServingEngine, max_request_bytes: int = MAX_REQUEST_BYTES, gateway: Gateway | None = None,
@@ -95,6 +102,11 @@ def build_app(engine: ServingEngine, max_request_bytes: int = MAX_REQUEST_BYTES,
             collector = ChoiceCollector(request.n * len(plans))
             await events.collect(collector, raw)
         return await exchange.answered(completion_response(request, collector, plans, echoes))
+
+    @app.post("/v1/feedback")
+    async def feedback(request: FeedbackRequest, raw: Request) -> FeedbackResponse:
+        record = await gateway.record_feedback(gateway.key_of(raw), request)
+        return FeedbackResponse(id=record.id, completion_id=record.completion_id, rating=record.rating)
 
     return app
 

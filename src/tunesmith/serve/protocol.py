@@ -305,3 +305,21 @@ class ErrorResponse(BaseModel):
     """The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`."""
 
     error: ErrorDetail
+
+
+class FeedbackRequest(BaseModel):
+    """`POST /v1/feedback`: a verdict on one answer this server gave, optionally with the answer wanted instead."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    completion_id: str = Field(min_length=1, max_length=200)
+    rating: Literal["positive", "negative", "neutral"]
+    corrected: str | None = Field(default=None, max_length=200_000)
+    comment: str | None = Field(default=None, max_length=10_000)
+
+
+class FeedbackResponse(BaseModel):
+    id: str
+    object: Literal["feedback"] = "feedback"
+    completion_id: str
+    rating: str

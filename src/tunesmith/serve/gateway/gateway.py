@@ -8,12 +8,18 @@ import hmac
 import json
 import os
 import threading
+import uuid
+from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 
 from fastapi import Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.config import ServeConfig
+from tunesmith.errors import TunesmithError
+from tunesmith.records import FeedbackRecord
+from tunesmith.request_log import append_feedback, read_request_log, redact_texts, utc_timestamp
 from tunesmith.serve.engine import ServingEngine
 from tunesmith.serve.errors import ModelNotAllowed, error_response
 from tunesmith.serve.gateway.canary import CanaryChange
@@ -22,8 +28,12 @@ from tunesmith.serve.gateway.keys import ApiKey, KeyStore, model_allowed
 from tunesmith.serve.gateway.metrics import ServingMetrics
 from tunesmith.serve.gateway.rate_limits import RateLimiter
 from tunesmith.serve.gateway.routing import RouteDecision, TrafficRouter
+from tunesmith.serve.protocol import FeedbackRequest
 
 ROUTE_EVENTS_FILE = "route-events.jsonl"
+ANSWERS_REMEMBERED = 200_000
+"""Answer ids kept in memory for feedback checks; older ones are looked up in the request log."""
+_UNKNOWN = object()
 
 
 class Gateway:
@@ -42,6 +52,7 @@ class Gateway:
         self.metrics_public = metrics_public
         self._background: set[asyncio.Task] = set()  # shadow answers still running (held so they are not collected)
         self._events_lock = threading.Lock()
+        self.answered: OrderedDict[str, str | None] = OrderedDict()  # recent answer ids -> the key that got them
 
     @classmethod
     def from_settings(cls, engine: ServingEngine, settings: ServeConfig) -> Gateway:
@@ -94,6 +105,10 @@ class Gateway:
     def persist(self, record, key: ApiKey | None, prompt_tokens: int, completion_tokens: int) -> None:
         """The request log line and the key's usage (called in a worker thread; both are disk writes)."""
         if self.request_log is not None:
+            if not record.shadow and record.status == 200:
+                self.answered[record.id] = record.key_id
+                while len(self.answered) > ANSWERS_REMEMBERED:
+                    self.answered.popitem(last=False)
             try:
                 self.request_log.append(record)
             except Exception as exc:  # the answer still goes out; the gap is counted and said
@@ -104,6 +119,25 @@ class Gateway:
                 self.keys.record_usage(key.key_id, record.model, prompt_tokens, completion_tokens)
             except Exception as exc:  # a store locked for long by the CLI: the answer still goes out
                 print(f"usage: could not record {record.id} for key {key.name}: {exc}", flush=True)
+
+    async def record_feedback(self, key: ApiKey | None, request: FeedbackRequest) -> FeedbackRecord:
+        """Append a verdict on a logged answer; an answer this key did not get (or never logged) is a 404."""
+        if self.request_log is None:
+            raise TunesmithError("this server keeps no request log, so it takes no feedback; set serve.request_log")
+        owner = self.answered.get(request.completion_id, _UNKNOWN)
+        if owner is _UNKNOWN:  # older than this server's memory: look in the log itself
+            owner = await asyncio.to_thread(_owner_in_log, self.request_log.directory, request.completion_id)
+        if owner is _UNKNOWN or (key is not None and owner != key.key_id):
+            raise StarletteHTTPException(404, f"completion_id {request.completion_id!r}: no answer with that id "
+                                              "was logged for this API key; send the `id` of a response you got")
+        record = FeedbackRecord(id=f"fb-{uuid.uuid4().hex}", time=utc_timestamp(), completion_id=request.completion_id,
+                                key_id=key.key_id if key else None, rating=request.rating,
+                                corrected=request.corrected, comment=request.comment)
+        if self.request_log.content == "redacted":
+            record = record.model_copy(update={"corrected": redact_texts(record.corrected),
+                                               "comment": redact_texts(record.comment)})
+        await asyncio.to_thread(append_feedback, self.request_log.directory, record)
+        return record
 
     def close(self) -> None:
         if self.request_log is not None:
@@ -136,6 +170,14 @@ class Gateway:
                 out.write(json.dumps(event) + "\n")
                 out.flush()
                 os.fsync(out.fileno())
+
+
+def _owner_in_log(directory: Path, completion_id: str):
+    """The key id that got `completion_id`, from the request log (slow: only for answers older than memory)."""
+    for record in read_request_log(directory):
+        if record.id == completion_id and record.status == 200 and not record.shadow:
+            return record.key_id
+    return _UNKNOWN
 
 
 def _by_served_name(engine: ServingEngine, which: str) -> dict[str, int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 
 from tunesmith.errors import TunesmithError
 from tunesmith.jobs.protocol import (
@@ -20,7 +20,7 @@ from tunesmith.jobs.protocol import (
     Page,
 )
 from tunesmith.jobs.store import FileRecord, JobRecord
-from tunesmith.jobs.supervisor import InvalidJobRequest, JobsService
+from tunesmith.jobs.supervisor import JobsService
 
 UPLOAD_PURPOSES = ("fine-tune",)
 
@@ -75,14 +75,9 @@ def jobs_router(service: JobsService) -> APIRouter:
         return FileResponse(store.file_path(record.id), media_type="application/octet-stream")
 
     @router.post("/fine_tuning/jobs", response_model=None)
-    def create_job(raw: Request, request: JobCreate) -> FineTuningJob | JSONResponse:
+    def create_job(raw: Request, request: JobCreate) -> FineTuningJob:
         key = getattr(raw.state, "api_key", None)
-        try:
-            job = service.create_job(_owner(raw), key.name if key else None, request)
-        except InvalidJobRequest as exc:  # OpenAI's body with its param and code, which a plain 400 lacks
-            return JSONResponse({"error": {"message": str(exc), "type": "invalid_request_error",
-                                           "param": exc.param, "code": exc.code}}, status_code=400)
-        return FineTuningJob.of(job)
+        return FineTuningJob.of(service.create_job(_owner(raw), key.name if key else None, request))
 
     @router.get("/fine_tuning/jobs")
     def list_jobs(raw: Request, after: str | None = None,

@@ -12,8 +12,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -22,6 +21,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.jobs.records import CheckpointLine, JobEventLine
 from tunesmith.models import tunesmith_home
 from tunesmith.registry.run_dir import apply_umask, fsync_path
+from tunesmith.sqlite_store import open_versioned, write_transaction
 
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 2**20
@@ -166,33 +166,13 @@ class JobStore:
         self._connection = self._open()
 
     def _open(self) -> sqlite3.Connection:
-        try:
-            connection = sqlite3.connect(self.path, check_same_thread=False, timeout=10, isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise TunesmithError(f"jobs store {self.path}: cannot open it ({exc}); move it away to start "
-                                 "with no files and jobs") from None
-        if version > SCHEMA_VERSION:
-            raise TunesmithError(f"jobs store {self.path}: written by a newer tunesmith (schema {version}, this one "
-                                 f"reads {SCHEMA_VERSION}); upgrade tunesmith")
-        if version == 0:
-            connection.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-        return connection
+        return open_versioned(self.path, _SCHEMA, SCHEMA_VERSION, "jobs store")
 
     def close(self) -> None:
         self._connection.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._connection.execute("BEGIN IMMEDIATE")  # the write lock up front: checks inside it hold
-            try:
-                yield self._connection
-            except BaseException:
-                self._connection.execute("ROLLBACK")
-                raise
-            self._connection.execute("COMMIT")
+    def _transaction(self):
+        return write_transaction(self._connection, self._lock)
 
     def _rows(self, sql: str, params: tuple = ()) -> list[tuple]:
         with self._lock:

@@ -91,8 +91,9 @@ def error_of(exc: Exception) -> tuple[JSONResponse, str]:
             return error_response(503, str(exc), kind="server_error", code="deadline_exceeded",
                                   headers={"Retry-After": "5"}), "deadline"
         return error_response(500, str(exc), kind="server_error"), "server_error"
-    if isinstance(exc, TunesmithError):
-        return error_response(400, str(exc)), "invalid_request"
+    if isinstance(exc, TunesmithError):  # one may carry OpenAI's `param` and `code` for the body
+        return (error_response(400, str(exc), param=getattr(exc, "param", None), code=getattr(exc, "code", None)),
+                "invalid_request")
     if isinstance(exc, StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         reason = "not_found" if exc.status_code == 404 else "invalid_request"

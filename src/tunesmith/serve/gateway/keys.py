@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
 import sqlite3
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 from tunesmith.models import tunesmith_home
+from tunesmith.sqlite_store import open_versioned, write_transaction
 
 SCHEMA_VERSION = 1
 KEY_PREFIX = "tsk-"
@@ -127,39 +127,17 @@ class KeyStore:
         self._connection = self._open()
 
     def _open(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            connection = sqlite3.connect(self.path, check_same_thread=False, timeout=10, isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise TunesmithError(f"key store {self.path}: cannot open it ({exc}); move the file away to start a "
-                                 "new store") from None
-        if version > SCHEMA_VERSION:
-            raise TunesmithError(f"key store {self.path}: written by a newer tunesmith (schema {version}, this "
-                                 f"one reads {SCHEMA_VERSION}); upgrade tunesmith")
-        if version == 0:
-            os.chmod(self.path, 0o600)  # usage and key names are nobody else's business
-            # IF NOT EXISTS: a server and a CLI opening a new store at once both succeed.
-            connection.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-        return connection
+        # private: usage and key names are nobody else's business
+        return open_versioned(self.path, _SCHEMA, SCHEMA_VERSION, "key store", private=True)
 
     def close(self) -> None:
         self._connection.close()
 
     @contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; IMMEDIATE takes the file's write lock up front, so checks inside it hold."""
-        with self._lock:
-            self._connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._connection
-            except BaseException:
-                self._connection.execute("ROLLBACK")
-                raise
-            self._connection.execute("COMMIT")
-            self._loaded_at = None  # this process sees its own change at once
+        with write_transaction(self._connection, self._lock) as connection:
+            yield connection
+        self._loaded_at = None  # this process sees its own change at once
 
     def create(self, name: str, models: tuple[str, ...] | list[str] = (), rpm: int | None = None,
                tpm: int | None = None, admin: bool = False) -> tuple[ApiKey, str]:

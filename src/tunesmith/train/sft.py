@@ -9,6 +9,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tunesmith.config import RunConfig, TrainConfig
@@ -23,17 +24,19 @@ from tunesmith.train.checkpoints import CHECKPOINTS_DIR, complete_checkpoints, n
 from tunesmith.train.devices import pick_precision, set_cpu_threads
 from tunesmith.train.distributed import default_threads, make_accelerator
 from tunesmith.train.learning_rate import with_learning_rate
-from tunesmith.train.loop import SftLoop, trained_token_loss_module
+from tunesmith.train.loop import LoopProgress, SftLoop, trained_token_loss_module
 from tunesmith.train.model_setup import build_training_model, trainable_parameter_counts
 from tunesmith.train.progress import LoopProgressBar
 from tunesmith.train.run_record import (ADAPTER_DIR, FULL_MODEL_DIR, parent_of, record_trained, train_section,
                                         weights_source)
 
 
-def train_sft(run_dir: Path, config: RunConfig, resume: bool = False, restart: bool = False) -> dict:
+def train_sft(run_dir: Path, config: RunConfig, resume: bool = False, restart: bool = False,
+              on_step: Callable[[LoopProgress, int], None] | None = None) -> dict:
     """Train on the run's training split; write `<run_dir>/adapter` (or `model` for full) and the manifest's `train`.
 
-    Checkpoints of an earlier attempt are continued (`resume`) or deleted (`restart`), never dropped silently."""
+    Checkpoints of an earlier attempt are continued (`resume`) or deleted (`restart`), never dropped silently.
+    `on_step(progress, total_steps)` is called after every optimizer step (a fine-tuning job reports from it)."""
     import torch
     from transformers import get_scheduler
 
@@ -77,7 +80,13 @@ def train_sft(run_dir: Path, config: RunConfig, resume: bool = False, restart: b
         shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # an earlier attempt's, not this run's
     started = time.perf_counter()
     with LoopProgressBar(total_steps, loop.progress, enabled=accelerator.is_main_process) as bar:
-        progress = loop.run(on_step=bar.update)
+
+        def after_step(progress: LoopProgress) -> None:
+            bar.update(progress)
+            if on_step and accelerator.is_main_process:
+                on_step(progress, total_steps)
+
+        progress = loop.run(on_step=after_step)
     accelerator.wait_for_everyone()
 
     unwrapped = loop.inner_model

@@ -144,7 +144,7 @@ def make_service(isolated_home, runner_command, ready_models):
     def make() -> JobsService:
         service = JobsService(JobStore(isolated_home), JobsConfig(concurrency=2, max_file_mb=1,
                                                                   models={"tiny-base": "/models/tiny"}),
-                              on_model_ready=lambda name, reference: ready_models.append((name, reference)),
+                              on_model_ready=lambda ready: ready_models.append((ready.name, ready.reference)),
                               runner_command=runner_command, poll_seconds=0.05, stop_grace_seconds=1)
         made.append(service)
         return service
@@ -276,7 +276,7 @@ def test_a_job_succeeds_with_events_checkpoints_a_result_file_and_a_served_model
     assert checkpoint.id.startswith("ftckpt-")
     checkpoint_dir = str(service.store.job_dir(created.id) / "run" / "checkpoint-2")
     served = [(f"{name}:ckpt-step-2", checkpoint_dir), (name, f"{created.id}@1")]
-    assert ready_models == served and sorted(service.models_ready()) == sorted(served)
+    assert ready_models == served and sorted(m[:2] for m in service.models_ready()) == sorted(served)
 
 
 def test_a_failed_run_reports_the_runners_error(alice):
@@ -376,7 +376,7 @@ def test_a_killed_server_loses_nothing(make_service, runner_command, isolated_ho
     wait_for(lambda: service.store.job(job.id).status == "succeeded")
     assert [pid for pid, _ in runner_starts(service.store, job.id)][:1] == [orphan]
     assert len(runner_starts(service.store, job.id)) == 2
-    assert service.models_ready()[0] == (service.store.job(job.id).fine_tuned_model, f"{job.id}@1")
+    assert service.models_ready()[0][:2] == (service.store.job(job.id).fine_tuned_model, f"{job.id}@1")
     store.close()
 
 

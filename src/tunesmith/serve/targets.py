@@ -18,6 +18,18 @@ class ServedTarget:
     run: Run
     version: str | None = None
     """The registered version number behind a registry reference (so `orders@production` says which it is)."""
+    model: str | None = None
+    """The registered model behind a registry reference."""
+
+    @property
+    def engine_name(self) -> str:
+        """The version itself (`orders@3`): served names that resolve to one version share its weights."""
+        return f"{self.model}@{self.version}" if self.model else self.name
+
+    @property
+    def follows_alias(self) -> bool:
+        """A registry alias (`orders@production`), which a promotion or rollback moves to another version."""
+        return self.model is not None and self.name != self.engine_name
 
     @property
     def run_dir(self) -> Path:
@@ -49,7 +61,7 @@ def resolve_targets(references: list[str]) -> list[ServedTarget]:
     each local copy verified; two references with one public name are refused."""
     targets, seen = [], {}
     for reference in references:
-        target = _resolve(reference)
+        target = resolve_target(reference)
         if target.name in seen:
             raise TunesmithError(f"{reference}: serves under the name {target.name!r}, which {seen[target.name]!r} "
                                  "already uses; serve one of them, or register it under another name")
@@ -60,7 +72,8 @@ def resolve_targets(references: list[str]) -> list[ServedTarget]:
     return targets
 
 
-def _resolve(reference: str) -> ServedTarget:
+def resolve_target(reference: str) -> ServedTarget:
+    """A run directory or registry reference as a served target, its local copy verified."""
     if Path(reference).exists() or "@" not in reference:
         if not Path(reference).is_dir():
             raise TunesmithError(f"{reference}: no such run directory or registered version (NAME@VERSION, NAME@ALIAS)")
@@ -71,4 +84,4 @@ def _resolve(reference: str) -> ServedTarget:
     registry = Registry()
     name, version = registry.resolve(reference)
     public = reference.removeprefix("models:/")
-    return ServedTarget(public, Run.open(registry.local_copy(name, version)), version)
+    return ServedTarget(public, Run.open(registry.local_copy(name, version)), version, name)

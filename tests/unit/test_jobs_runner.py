@@ -1,4 +1,4 @@
-"""The fine-tuning job runner on the tiny model: events, checkpoints, result and registry; bad input; SIGTERM, resume."""
+"""The fine-tuning job runner on the tiny model: events, checkpoints, result, registry; bad input; SIGTERM, resume."""
 
 from __future__ import annotations
 
@@ -56,6 +56,9 @@ def one_core():
     """Train on one core: the tiny model gains nothing from two, and two threads stall badly on a busy shared CPU."""
     import torch
 
+    if not hasattr(os, "sched_setaffinity"):  # macOS: training uses os.cpu_count() threads there
+        yield
+        return
     cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
     os.sched_setaffinity(0, {min(cores)})
     yield
@@ -80,13 +83,15 @@ def test_a_supervised_job_reports_each_stage_trains_checkpoints_and_registers(fi
     from safetensors.torch import load_file
 
     from tunesmith.models import load_model
+    from tunesmith.registry.hashing import file_sha256
     from tunesmith.registry.store import Registry
 
     job_dir, home = finished_job
     events = _events(job_dir)
     messages = [e.message for e in events if e.type == "message"]
-    in_order = ["Validating training file", "Files validated", "Fine-tuning job started", "Checkpoint created at step 4",
-                "Checkpoint created at step 8", "New fine-tuned model created", "The job has successfully completed"]
+    in_order = ["Validating training file", "Files validated", "Fine-tuning job started",
+                "Checkpoint created at step 4", "Checkpoint created at step 8", "New fine-tuned model created",
+                "The job has successfully completed"]
     assert [m for m in messages if m in in_order] == in_order
     metrics = [e.data for e in events if e.type == "metrics"]
     assert [m["step"] for m in metrics] == list(range(1, 13)) and {m["total_steps"] for m in metrics} == {12}
@@ -110,6 +115,10 @@ def test_a_supervised_job_reports_each_stage_trains_checkpoints_and_registers(fi
     assert result.trained_tokens == metrics[-1]["trained_tokens"]
     monkeypatch.setenv("TUNESMITH_HOME", str(home))
     assert Registry().resolve(result.registry_reference) == ("ftjob-supervised", "1")
+    tags = Registry().client.get_model_version("ftjob-supervised", "1").tags
+    assert tags["tunesmith.fine_tuned_model"] == result.fine_tuned_model
+    assert json.loads(tags["tunesmith.hyperparameters"])["n_epochs"] == EPOCHS
+    assert tags["tunesmith.training_file_sha256"] == file_sha256(Path(JobFolder(job_dir).spec().training_file))
     step_metrics = Path(result.result_files[0])
     with step_metrics.open(encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
@@ -188,6 +197,21 @@ def test_sigterm_before_training_exits_143_without_a_result(tmp_path, tiny_model
     job_dir = _job(tmp_path, tiny_model_dir, "ftjob-early", write_jsonl(tmp_path / "orders.jsonl", order_rows(12)))
     assert main([str(job_dir)]) == 143
     assert not (job_dir / "result.json").exists() and signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_an_unexpected_error_fails_the_job_with_one_line_and_a_traceback_on_stderr(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch, capsys):
+    import tunesmith.jobs.config_mapping
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mapping broke\non two lines")
+
+    monkeypatch.setattr(tunesmith.jobs.config_mapping, "run_config_for", broken)
+    job_dir = _job(tmp_path, tiny_model_dir, "ftjob-bug", write_jsonl(tmp_path / "orders.jsonl", order_rows(12)))
+    assert main([str(job_dir)]) == 1
+    error = _result(job_dir).error
+    assert (error.code, error.message) == ("training_failed", "RuntimeError: mapping broke on two lines")
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_too_few_examples_and_bad_hyperparameters_fail_with_openai_codes(tmp_path, tiny_model_dir):

@@ -170,10 +170,11 @@ def _register(spec: JobSpec, folder: JobFolder) -> str:
     registry = Registry()
     info, _ = register_run(registry, folder.run_dir, spec.job_id)  # `ft:...` names hold ':', which MLflow refuses
     tags = {"tunesmith.job_id": spec.job_id, "tunesmith.fine_tuned_model": spec.fine_tuned_model,
-            "tunesmith.hyperparameters": spec.hyperparameters.model_dump_json(),
-            "tunesmith.method": spec.method, "tunesmith.training_file_sha256": file_sha256(Path(spec.training_file))}
-    if spec.validation_file:
-        tags["tunesmith.validation_file_sha256"] = file_sha256(Path(spec.validation_file))
+            "tunesmith.method": spec.method, "tunesmith.hyperparameters": spec.hyperparameters.model_dump_json()}
+    for param in ("training_file", "validation_file"):
+        upload = getattr(spec, param)
+        if upload and Path(upload).is_file():  # a client may delete an upload once its job has started
+            tags[f"tunesmith.{param}_sha256"] = file_sha256(Path(upload))
     with registry.errors():
         for key, value in tags.items():
             registry.client.set_model_version_tag(info.model, info.version, key, value)

@@ -39,9 +39,8 @@ class TrainingReporter:
             progress = json.loads((checkpoint / PROGRESS_FILE).read_text(encoding="utf-8"))
             if progress["step"] in self.reported:
                 continue
-            target = self._exported(progress["step"])
-            self._report(progress["step"], self.exporter.export(checkpoint, target),
-                         progress["loss_curve"], progress["validation_curve"])
+            exported = self.exporter.export(checkpoint, self._exported(progress["step"]))
+            self._report(progress["step"], exported, progress["loss_curve"], progress["validation_curve"])
 
     def report_trained(self, trained: TrainSection, run_dir: Path) -> None:
         """The finished model as the job's last checkpoint, and (for trainers without a per-step hook) every step."""
@@ -52,8 +51,8 @@ class TrainingReporter:
             for point in losses:
                 self.folder.metrics(step_metrics(point["step"], steps, losses, validation, None))
         if steps not in self.reported:
-            target = self._exported(steps)
-            self._report(steps, self.exporter.copy_trained(run_dir / trained.weights_subdir, target), losses, validation)
+            exported = self.exporter.copy_trained(run_dir / trained.weights_subdir, self._exported(steps))
+            self._report(steps, exported, losses, validation)
 
     def _exported(self, step: int) -> Path:
         return self.folder.directory / EXPORTED_CHECKPOINTS_DIR / f"step-{step}"

@@ -58,8 +58,11 @@ def finish(record):
 
 
 if spec["suffix"] == "broken":
+    append("events.jsonl", {"created_at": int(time.time()), "level": "error",
+                            "message": "Fine-tuning job failed: line 1: no `messages`"})
     finish({"status": "failed", "error": {"code": "invalid_training_file", "param": "training_file",
                                           "message": "line 1: no `messages`"}})
+append("events.jsonl", {"created_at": int(time.time()), "message": "Fine-tuning job started"})
 while step < total:
     if stopping:
         sys.exit(143)
@@ -78,6 +81,9 @@ while step < total:
                                      "path": str(run / "checkpoint-2"),
                                      "metrics": {"step": 2, "train_loss": 0.5, "valid_loss": 0.625, "other": 1},
                                      "fine_tuned_model_checkpoint": spec["fine_tuned_model"] + ":ckpt-step-2"})
+append("events.jsonl", {"created_at": int(time.time()), "message": "New fine-tuned model created: "
+                                                                     + spec["fine_tuned_model"]})
+append("events.jsonl", {"created_at": int(time.time()), "message": "The job has successfully completed"})
 (run / "step_metrics.csv").write_text("step,train_loss\n" + "".join(f"{n},{1 / n}\n" for n in range(1, total + 1)))
 finish({"status": "succeeded", "fine_tuned_model": spec["fine_tuned_model"], "trained_tokens": 100 * total,
         "registry_reference": f"{spec['job_id']}@1", "result_files": [str(run / "step_metrics.csv")]})

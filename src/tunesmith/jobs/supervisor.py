@@ -221,7 +221,6 @@ class JobsService:
         if (job_dir / "result.json").exists():  # it ended for good while nobody watched
             self._publish_result(job)
             return
-        resumed = (job_dir / "job.json").exists()
         spec = JobSpec(job_id=job.id, owner=job.owner, owner_name=job.owner_name, model=job.model,
                        base_model=job.base_model, method=job.method,
                        hyperparameters=Hyperparameters(**job.hyperparameters),
@@ -238,9 +237,7 @@ class JobsService:
             self._fail(job.id, f"the runner could not start ({' '.join(self.runner_command)}: {exc})")
             return
         self.store.update_job(job.id, pid=process.pid)
-        self._runners[job.id] = _Runner(process)
-        self._note(job.id, "Fine-tuning job resumed from its newest checkpoint" if resumed
-                   else "Fine-tuning job started")
+        self._runners[job.id] = _Runner(process)  # the runner itself says it started (or from which step)
 
     def _stop_if_asked(self, job_id: str, runner: _Runner) -> None:
         """SIGTERM a runner whose job was cancelled or paused; SIGKILL it if it has not exited within the grace."""
@@ -314,14 +311,11 @@ class JobsService:
         if result.status == "failed":
             error = result.error.model_dump() if result.error else {"code": "training_failed", "param": None,
                                                                     "message": "the runner reported a failure"}
-            if self.store.update_job(job.id, when_status="running", status="failed", error=error, **finished):
-                self._note(job.id, f"Fine-tuning job failed: {error['message']}", level="error")
-            return
+            self.store.update_job(job.id, when_status="running", status="failed", error=error, **finished)
+            return  # the runner's own events say why
         name = result.fine_tuned_model or job.planned_model
         if self.store.update_job(job.id, when_status="running", status="succeeded", fine_tuned_model=name,
                                  registry_reference=result.registry_reference, **finished):
-            self._note(job.id, f"New fine-tuned model created: {name}")
-            self._note(job.id, "The job has successfully completed")
             if result.registry_reference:
                 self._announce(job.id, name, result.registry_reference)
 

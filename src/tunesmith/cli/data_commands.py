@@ -131,3 +131,8 @@ def _check(run_dir: Path, against: list[Path], examples: int | None) -> None:
         table.add_row(plain(item["name"]), plain("yes", "green") if item["ok"] else plain("NO", "red"), plain(item["detail"]))
     Console(highlight=False).print(table)
     raise_on_failures(report)
+
+
+from tunesmith.cli.loop_commands import from_logs_command  # noqa: E402 (only typer at import time)
+
+data_app.command("from-logs")(from_logs_command)

@@ -135,6 +135,27 @@ def test_a_version_loaded_at_runtime_stacks_on_the_base_and_unloading_lets_reque
     engine.stop()
 
 
+def test_a_dora_version_loaded_at_runtime_decodes_on_a_model_of_its_own_until_unloaded(runs, tiny_config):
+    from tunesmith.config import load_config
+    from tunesmith.data.prepare import prepare
+    from tunesmith.train.sft import train_sft
+
+    config = load_config(tiny_config, ["name=dora", "train.adapter=dora", "train.max_steps=3"])
+    dora_dir = prepare(config)
+    train_sft(dora_dir, config)
+    engine = ServingEngine.from_references([str(runs[0])], default_max_tokens=4)
+    assert engine.load(str(dora_dir)) == "dora"
+    dora = engine.models["dora"]
+    assert "DoRA" in dora.note and len(engine.batching.groups) == 2 and dora.route.group in engine.batching.groups
+    reply = engine.generate(ChatCompletionRequest(model="dora", messages=PROMPT, max_tokens=4))
+    assert reply.completion_tokens >= 1
+    engine.unload("dora")
+    assert wait_until(lambda: len(engine.batching.groups) == 1)  # its model copy is dropped once unused
+    assert dora.route.group not in engine.batching.groups
+    assert engine.generate(ChatCompletionRequest(model="orders", messages=PROMPT, max_tokens=4)).completion_tokens
+    engine.stop()
+
+
 def test_admin_routes_list_load_and_unload(registered):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient

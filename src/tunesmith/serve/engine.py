@@ -204,8 +204,8 @@ class ServingEngine:
     # --- changing what is served while serving -------------------------------------------------------------------
 
     def load(self, reference: str) -> str:
-        """Start serving a run directory or registry reference (NAME@VERSION, NAME@ALIAS) under its name; its served
-        name. Loading what is already served is a no-op; an alias already served moves to its version now."""
+        """Serve a run directory or registry reference (NAME@VERSION, NAME@ALIAS) under its name, which is returned.
+        Loading what is served already is a no-op; a served alias moves to the version it names now."""
         target = resolve_target(reference)
         with self._changing:
             current = self.names.get(target.name)

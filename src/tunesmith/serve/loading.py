@@ -67,7 +67,7 @@ class ModelLoader:
         versions = {}
         for target in trained:
             if target.engine_name not in placed:  # fully fine-tuned
-                placed[target.engine_name] = (ModelGroup(load_model(target.run.weights_dir).to(self.device)), None, "")
+                placed[target.engine_name] = (self._own_model(target), None, "")
             group, adapter, note = placed[target.engine_name]
             versions[target.engine_name] = self._served(target, group, adapter, tokenizers[target.engine_name], note)
         served = {target.name: versions[target.engine_name] for target in targets if target.run.is_trained}
@@ -86,7 +86,7 @@ class ModelLoader:
         tokenizer = self._checked_tokenizer(target)
         prepare = None
         if not target.is_adapter:
-            group, adapter, note = ModelGroup(load_model(target.run.weights_dir).to(self.device)), None, ""
+            group, adapter, note = self._own_model(target), None, ""
         elif target.base_key not in self.bases:
             group, adapter, note = self._share_base(target.base_key, [target])[target.engine_name]
         else:
@@ -142,6 +142,9 @@ class ModelLoader:
             group = ModelGroup(load_model(base_key).to(self.device))
         self.bases[base_key] = group
         return placed
+
+    def _own_model(self, target: ServedTarget) -> ModelGroup:
+        return ModelGroup(load_model(target.run.weights_dir).to(self.device))
 
     def _own_copy(self, target: ServedTarget, reason: str) -> tuple[ModelGroup, None, str]:
         own = attach_adapter(load_model(target.base_key), target.run.weights_dir, "own").to(self.device)

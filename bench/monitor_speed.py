@@ -1,5 +1,6 @@
 """How fast `tunesmith monitor` reads a big log: a synthetic 100k-request week (the traffic shifts to a new product
-family on day 5) against 2,000 training rows, HTML + JSON + Prometheus written; peak RSS of the monitoring process.
+family on day 5) against 2,000 training rows, tokens counted with the default model's tokenizer, HTML + JSON +
+Prometheus written; peak RSS of the monitoring process.
 
     flock /tmp/tunesmith-bench.lock .venv/bin/python bench/monitor_speed.py
 
@@ -19,6 +20,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from tunesmith.models import default_model_dir
+
 ITEMS, COLORS = ["mug", "lamp", "hat", "chair", "kettle"], ["red", "blue", "green", "black"]
 CITIES = ["Denver", "Lisbon", "Osaka", "Oslo", "Lyon"]
 NEW_ITEMS = ["graphics card", "laptop", "monitor", "keyboard"]  # the product family that arrives on day 5
@@ -30,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--days", type=int, default=7)
     parser.add_argument("--training-rows", type=int, default=2000)
+    parser.add_argument("--tokenizer", type=Path, help="model folder that counts tokens (default: the default model)")
     parser.add_argument("--keep", type=Path, help="write the log here and keep it (default: a temp folder)")
     return parser.parse_args()
 
@@ -87,10 +91,12 @@ from tunesmith.monitor.report import write_html, write_json, write_prometheus
 from tunesmith.monitor.run import monitor
 folder = Path(sys.argv[1])
 started = time.perf_counter()
-report = monitor("orders", "8d", "1d", folder / "log", folder / "train.jsonl")
+tokenizer = Path(sys.argv[2]) if len(sys.argv) > 2 else None
+report = monitor("orders", "8d", "1d", folder / "log", folder / "train.jsonl", tokenizer=tokenizer)
 write_json(report, folder / "report.json"); write_html(report, folder / "report.html")
 write_prometheus(report, folder / "report.prom")
-print(time.perf_counter() - started, report.drift.summary, report.drift.drift_starts, sep="\\t")
+print(time.perf_counter() - started, report.drift.summary, report.drift.drift_starts, report.drift.token_unit,
+      sep="\\t")
 """
 READ_ALONE = """
 import sys, time
@@ -102,9 +108,9 @@ print(time.perf_counter() - started, count, sep="\\t")
 """
 
 
-def child(code: str, folder: Path) -> list[str]:
+def child(code: str, *args) -> list[str]:
     """Run `code` in a fresh interpreter; its tab-separated output fields."""
-    output = subprocess.run([sys.executable, "-c", code, str(folder)], check=True, capture_output=True, text=True)
+    output = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True, capture_output=True, text=True)
     return output.stdout.strip().split("\t")
 
 
@@ -118,14 +124,17 @@ def main() -> None:
         write_training_data(folder / "train.jsonl", args.training_rows, rng)
         write_log(folder / "log", args.requests, args.days, rng)
         print(f"wrote {args.requests:,} requests in {time.perf_counter() - started:.1f} s to {folder}")
-        monitor_seconds, summary, starts = child(MONITOR, folder)
+        tokenizer = args.tokenizer or default_model_dir()
+        if not tokenizer.is_dir():
+            sys.exit(f"no tokenizer folder at {tokenizer}; run `tunesmith fetch-model` or pass --tokenizer")
+        monitor_seconds, summary, starts, unit = child(MONITOR, folder, tokenizer)
         # The first child's peak: RUSAGE_CHILDREN keeps the largest of all children, and monitoring comes first.
         monitor_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
         read_seconds, count = child(READ_ALONE, folder)
         print(f"monitor: {float(monitor_seconds):.1f} s, peak RSS {monitor_rss:.2f} GiB (targets: 60 s, 2 GiB)")
         print(f"reading the {int(count):,} records alone: {float(read_seconds):.1f} s "
               f"(monitor takes {float(monitor_seconds) / float(read_seconds):.1f}x that)")
-        print(f"{summary}; drift starts {starts} (the shift begins on day {SHIFT_DAY + 1})")
+        print(f"{summary}, {unit}; drift starts {starts} (the shift begins on day {SHIFT_DAY + 1})")
 
 
 if __name__ == "__main__":

@@ -212,6 +212,50 @@ def test_fail_on_sets_the_exit_code(tmp_path, shift, extra, code):
         assert "server_error_rate 1 (limit 0.05)" in result.output
 
 
+def test_a_tokenizer_folder_counts_the_prompt_tokens(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    training = training_file(tmp_path)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    words = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()  # "Oslo." is two tokens here, one whitespace word
+    words.save(str(folder / "tokenizer.json"))
+    report = monitor("orders", "7d", "1d", traffic(tmp_path / "log", shift_from_day=None), training, tokenizer=folder)
+
+    prompts = [json.loads(line)["messages"][0]["content"] for line in training.read_text().splitlines()]
+    tokens = {f.feature: f for f in report.drift.features}["prompt_tokens"]
+    assert report.drift.token_unit == "tokens (model tokenizer)"
+    assert tokens.train_mean == round(float(np.mean([len(re.findall(r"\w+|[^\w\s]+", p)) for p in prompts])), 3)
+    assert tokens.train_mean > np.mean([len(p.split()) for p in prompts])
+
+
+def test_preference_training_data_gives_its_prompts_and_its_chosen_answers(tmp_path):
+    rng = random.Random(4)
+    prompts = [usual_prompt(rng) for _ in range(100)]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": prompt, "chosen": order_answer(rng), "rejected": "no idea"} for prompt in prompts])
+    report = monitor("orders", "7d", "1d", traffic(tmp_path / "log", shift_from_day=3), pairs)
+
+    assert report.reference.prompts == 100 and report.reference.answers_json
+    assert report.drift.verdict == "significant"
+    chars = {f.feature: f for f in report.drift.features}["prompt_chars"]
+    assert chars.train_mean == round(float(np.mean([len(prompt) for prompt in prompts])), 3)
+
+
+def test_the_threshold_options_name_the_defaults_thresholds_applies():
+    import typing
+
+    hints = typing.get_type_hints(monitor_command, include_extras=True)
+    option_of = {"psi": "psi", "domain_auc": "auc", "max_server_error_rate": "max_error_rate",
+                 "max_empty_rate": "max_empty_rate", "max_refusal_rate": "max_refusal_rate",
+                 "min_json_valid_rate": "min_json_valid", "max_negative_feedback_rate": "max_negative_rate",
+                 "min_requests": "min_requests"}
+    for field, parameter in option_of.items():
+        help_text = hints[parameter].__metadata__[0].help
+        assert float(re.search(r"\(([\d.]+)\)\.$", help_text)[1]) == getattr(Thresholds(), field), parameter
+
+
 def bad_log_line(folder: Path) -> Path:
     log = traffic(folder, shift_from_day=None, days=1, per_day=5)
     with (log / "requests.jsonl").open("r+", encoding="utf-8") as handle:
@@ -231,6 +275,7 @@ def bad_log_line(folder: Path) -> Path:
     ("bad window", "--window 'weekly': give a span such as 1d"),
     ("bad fail-on", "--fail-on speed: use drift or quality"),
     ("no log", "no request log in"),
+    ("bad tokenizer", "--tokenizer"),
 ])
 def test_bad_inputs_give_one_clear_line_and_exit_2(tmp_path, case, expected):
     log = tmp_path / "log"
@@ -242,7 +287,8 @@ def test_bad_inputs_give_one_clear_line_and_exit_2(tmp_path, case, expected):
             "missing training data": lambda: ["orders", "--training-data", str(tmp_path / "missing.jsonl")],
             "bad window": lambda: ["orders", "--window", "weekly"] + training,
             "bad fail-on": lambda: ["orders", "--fail-on", "speed"] + training,
-            "no log": lambda: ["orders"] + training}[case]()
+            "no log": lambda: ["orders"] + training,
+            "bad tokenizer": lambda: ["orders", "--tokenizer", str(tmp_path / "no-model")] + training}[case]()
     if case == "corrupt line":
         bad_log_line(log)
     elif case != "no log":

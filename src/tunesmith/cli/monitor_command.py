@@ -14,11 +14,8 @@ import typer
 from tunesmith.cli.data_commands import user_errors
 
 FAIL_ON = ("drift", "quality")
-
-
-def Rate(help_text: str):  # noqa: N802 (reads as a type in the signature below)
-    """A threshold option whose default (None) means the one `monitor.run.Thresholds` documents."""
-    return Annotated[Optional[float], typer.Option(help=help_text, show_default=False)]
+Limit = Optional[float]
+"""A threshold option: None (not given) means the default `monitor.run.Thresholds` documents."""
 
 
 def monitor_command(
@@ -31,24 +28,27 @@ def monitor_command(
     training_data: Annotated[Optional[Path], typer.Option(
         "--training-data", help="Data the model was trained on (default: the training split of each registry "
                                 "version in the log).")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(
+        help="Model folder whose tokenizer counts prompt tokens (default: the registry version's base model, "
+             "else whitespace words).")] = None,
     html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML report.")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON.")] = None,
     prom: Annotated[Optional[Path], typer.Option(
-        "--prom", help="Write Prometheus gauges (tunesmith_monitor_*) for node_exporter's textfile collector.")] = None,
+        "--prom", help="Write Prometheus gauges (tunesmith_monitor_*) for node_exporter's textfile "
+                       "collector.")] = None,
     fail_on: Annotated[Optional[list[str]], typer.Option(
-        "--fail-on", help="Exit 1 on: drift (input drift significant) or quality (a check failed). Repeatable.")] = None,
-    psi: Annotated[Optional[float], typer.Option(
-        "--psi-threshold", help="PSI above which a prompt statistic drifts (0.25).", show_default=False)] = None,
-    auc: Annotated[Optional[float], typer.Option(
-        "--auc-threshold", help="Domain classifier ROC AUC that flags drift (0.55).", show_default=False)] = None,
-    max_error_rate: Rate("Highest share of 5xx answers per arm (0.05).") = None,
-    max_empty_rate: Rate("Highest share of empty answers (0.05).") = None,
-    max_refusal_rate: Rate("Highest share of refusals (0.10).") = None,
-    min_json_valid: Rate("Lowest share of checked answers that parse as JSON (0.95).") = None,
-    max_p95_latency: Rate("Highest p95 latency in seconds (not checked unless set).") = None,
-    max_negative_rate: Rate("Highest share of negative feedback (0.25).") = None,
+        "--fail-on", help="Exit 1 on: drift (input drift significant) or quality (a check failed). "
+                          "Repeatable.")] = None,
+    psi: Annotated[Limit, typer.Option("--psi-threshold", help="PSI at which a prompt feature drifts (0.25).")] = None,
+    auc: Annotated[Limit, typer.Option("--auc-threshold", help="Domain classifier AUC flagging drift (0.55).")] = None,
+    max_error_rate: Annotated[Limit, typer.Option(help="Highest share of 5xx answers per arm (0.05).")] = None,
+    max_empty_rate: Annotated[Limit, typer.Option(help="Highest share of empty answers (0.05).")] = None,
+    max_refusal_rate: Annotated[Limit, typer.Option(help="Highest share of refusals (0.10).")] = None,
+    min_json_valid: Annotated[Limit, typer.Option(help="Lowest share of checked answers that are JSON (0.95).")] = None,
+    max_p95_latency: Annotated[Limit, typer.Option(help="Highest p95 latency in seconds (default: unchecked).")] = None,
+    max_negative_rate: Annotated[Limit, typer.Option(help="Highest share of negative feedback (0.25).")] = None,
     min_requests: Annotated[Optional[int], typer.Option(
-        help="Arms with fewer requests (or ratings) are shown, not judged (20).", show_default=False)] = None,
+        help="Arms with fewer requests (or ratings) are shown, not judged (20).")] = None,
     classifier_prompts: Annotated[int, typer.Option(
         help="Most prompts per side for the domain classifier (a random sample beyond).")] = 5000,
 ) -> None:
@@ -70,7 +70,7 @@ def monitor_command(
                  "max_negative_feedback_rate": max_negative_rate, "min_requests": min_requests}
         thresholds = Thresholds(**{key: value for key, value in given.items() if value is not None})
         with console.status("reading the request log and comparing it with the training data"):
-            report = monitor(name, since, window, log_dir, training_data, thresholds, classifier_prompts)
+            report = monitor(name, since, window, log_dir, training_data, thresholds, classifier_prompts, tokenizer)
         print_summary(report, console)
         for path, write in ((json_path, write_json), (html, write_html), (prom, write_prometheus)):
             if path is not None:

@@ -61,6 +61,7 @@ class DomainDrift(BaseModel):
 
     auc: float
     drifted: bool
+    """AUC above the threshold, and a Mann-Whitney test of the two sides' scores significant."""
     train_prompts: int
     production_prompts: int
     sampled: str | None = None
@@ -154,15 +155,16 @@ def _psi(expected: np.ndarray, actual: np.ndarray) -> float:
 
 
 def feature_drift(feature: str, train: np.ndarray, production: np.ndarray, psi_threshold: float,
-                  ks_alpha: float) -> FeatureDrift:
+                  alpha: float) -> FeatureDrift:
     from scipy.stats import ks_2samp
 
     edges = psi_bins(train)
     train_shares, production_shares = bin_shares(train, edges), bin_shares(production, edges)
     psi = _psi(train_shares, production_shares)
     ks = ks_2samp(train, production)
-    return FeatureDrift(feature=feature, psi=round(psi, 4), band=psi_band(psi), ks_statistic=round(float(ks.statistic), 4),
-                        ks_pvalue=float(ks.pvalue), drifted=bool(psi > psi_threshold and ks.pvalue < ks_alpha),
+    return FeatureDrift(feature=feature, psi=round(psi, 4), band=psi_band(psi),
+                        ks_statistic=round(float(ks.statistic), 4), ks_pvalue=float(ks.pvalue),
+                        drifted=bool(psi > psi_threshold and ks.pvalue < alpha),
                         train_mean=round(float(train.mean()), 3), production_mean=round(float(production.mean()), 3),
                         bin_edges=[round(float(edge), 4) for edge in edges],
                         train_shares=[round(float(s), 4) for s in train_shares],
@@ -170,7 +172,7 @@ def feature_drift(feature: str, train: np.ndarray, production: np.ndarray, psi_t
 
 
 def domain_classifier(train_texts: list[str], production_texts: list[str], auc_threshold: float,
-                      max_per_side: int, seed: int = 0) -> tuple[DomainDrift, dict] | None:
+                      alpha: float, max_per_side: int, seed: int = 0) -> tuple[DomainDrift, dict] | None:
     """The classifier's verdict, and its out-of-fold scores (`train`, `production`, and `production_index`: which
     production prompts were scored); None when a side has too few prompts or no words."""
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -197,7 +199,7 @@ def domain_classifier(train_texts: list[str], production_texts: list[str], auc_t
             return None
         raise
     auc = float(roc_auc_score(labels, scores))
-    production_scores = scores[len(train_index):]
+    train_scores, production_scores = scores[:len(train_index)], scores[len(train_index):]
     sampled = " and ".join(f"{len(index):,} of {len(side):,} {label} prompts" for index, side, label in (
         (train_index, train_texts, "training"), (production_index, production_texts, "production"))
         if len(index) < len(side))
@@ -205,7 +207,8 @@ def domain_classifier(train_texts: list[str], production_texts: list[str], auc_t
     weights = classifier[1].coef_[0]
     order = np.argsort(weights)
     verdict = DomainDrift(
-        auc=round(auc, 4), drifted=auc > auc_threshold, train_prompts=len(train_index),
+        auc=round(auc, 4), drifted=_auc_drifted(auc, train_scores, production_scores, auc_threshold, alpha),
+        train_prompts=len(train_index),
         production_prompts=len(production_index),
         sampled=f"the domain classifier used a random {sampled} (--classifier-prompts)" if sampled else None,
         top_prompts=_most_unlike_training(production_texts, production_index, production_scores),
@@ -213,8 +216,15 @@ def domain_classifier(train_texts: list[str], production_texts: list[str], auc_t
                           for i in order[::-1][:TOP_WORDS] if weights[i] > 0],
         training_words=[WordWeight(word=words[i], weight=round(float(weights[i]), 3))
                         for i in order[:TOP_WORDS] if weights[i] < 0])
-    return verdict, {"train": scores[:len(train_index)], "production": production_scores,
-                     "production_index": production_index}
+    return verdict, {"train": train_scores, "production": production_scores, "production_index": production_index}
+
+
+def _auc_drifted(auc: float, reference: np.ndarray, current: np.ndarray, auc_threshold: float,
+                 alpha: float) -> bool:
+    """AUC above the threshold, and the scores' Mann-Whitney test agrees (a small sample's AUC is noisy)."""
+    from scipy.stats import mannwhitneyu
+
+    return bool(auc > auc_threshold and mannwhitneyu(current, reference, alternative="greater").pvalue < alpha)
 
 
 def _sample(size: int, most: int, rng: np.random.Generator) -> np.ndarray:
@@ -234,7 +244,7 @@ def _most_unlike_training(texts: list[str], index: np.ndarray, scores: np.ndarra
 
 
 def window_drift(starts: list[str], windows: np.ndarray, train: dict[str, np.ndarray],
-                 production: dict[str, np.ndarray], scores: dict | None, psi_threshold: float, ks_alpha: float,
+                 production: dict[str, np.ndarray], scores: dict | None, psi_threshold: float, alpha: float,
                  auc_threshold: float) -> list[WindowDrift]:
     """Each window (`windows[i]` is prompt i's window number) against training and against the first window."""
     from scipy.stats import ks_2samp
@@ -251,18 +261,19 @@ def window_drift(starts: list[str], windows: np.ndarray, train: dict[str, np.nda
             continue
         first = number if first is None else first
         first_mask = windows == first
-        level = 0  # 0 stable, 1 moderate, 2 significant; a PSI counts only where the KS test agrees
+        level = 0  # 0 stable, 1 moderate, 2 significant; a PSI or AUC counts only where its test agrees
         for feature, values in production.items():
             row.psi[feature] = round(population_stability_index(train[feature], values[mask]), 4)
             row.psi_vs_first[feature] = round(population_stability_index(values[first_mask], values[mask]), 4)
-            if row.psi[feature] >= PSI_BANDS[0][0] and ks_2samp(train[feature], values[mask]).pvalue < ks_alpha:
+            if row.psi[feature] >= PSI_BANDS[0][0] and ks_2samp(train[feature], values[mask]).pvalue < alpha:
                 level = max(level, 2 if row.psi[feature] > psi_threshold else 1)
         if scores is not None:
             own, firsts = scores["production"][score_windows == number], scores["production"][score_windows == first]
             if len(own) >= MIN_PROMPTS // 2:
                 row.domain_auc = _auc(roc_auc_score, scores["train"], own)
                 row.domain_auc_vs_first = _auc(roc_auc_score, firsts, own) if number != first else 0.5
-                level = 2 if row.domain_auc > auc_threshold else level
+                if _auc_drifted(row.domain_auc, scores["train"], own, auc_threshold, alpha):
+                    level = 2
         row.verdict = ("stable", "moderate", "significant")[level]
         rows.append(row)
     return rows
@@ -274,7 +285,7 @@ def _auc(roc_auc_score, reference: np.ndarray, current: np.ndarray) -> float:
 
 
 def input_drift(train_texts: list[str], production_texts: list[str], windows: np.ndarray, starts: list[str],
-                tokenize: Tokenize, token_unit: str, psi_threshold: float, auc_threshold: float, ks_alpha: float,
+                tokenize: Tokenize, token_unit: str, psi_threshold: float, auc_threshold: float, alpha: float,
                 max_classifier_prompts: int) -> InputDrift:
     """Production prompts (`windows[i]`: prompt i's window) against the training prompts, overall and per window."""
     if not production_texts:
@@ -285,15 +296,15 @@ def input_drift(train_texts: list[str], production_texts: list[str], windows: np
             f"input drift: unknown (needs {MIN_PROMPTS} prompts on each side; training has {len(train_texts)}, "
             f"production {len(production_texts)})"))
     train, production = prompt_features(train_texts, tokenize), prompt_features(production_texts, tokenize)
-    features = [feature_drift(name, train[name], production[name], psi_threshold, ks_alpha) for name in FEATURES]
-    classified = domain_classifier(train_texts, production_texts, auc_threshold, max_classifier_prompts)
+    features = [feature_drift(name, train[name], production[name], psi_threshold, alpha) for name in FEATURES]
+    classified = domain_classifier(train_texts, production_texts, auc_threshold, alpha, max_classifier_prompts)
     domain, scores = classified if classified else (None, None)
     notes = [domain.sampled] if domain and domain.sampled else []
     if classified is None:
         notes.append("no domain classifier: the prompts hold no words to compare")
-    per_window = window_drift(starts, windows, train, production, scores, psi_threshold, ks_alpha, auc_threshold)
+    per_window = window_drift(starts, windows, train, production, scores, psi_threshold, alpha, auc_threshold)
     verdict = ("significant" if any(f.drifted for f in features) or (domain and domain.drifted)
-               else "moderate" if any(f.band != "stable" and f.ks_pvalue < ks_alpha for f in features) else "stable")
+               else "moderate" if any(f.band != "stable" and f.ks_pvalue < alpha for f in features) else "stable")
     return InputDrift(verdict=verdict, summary=_summary(verdict, features, domain), token_unit=token_unit,
                       features=features, domain=domain, windows=per_window, notes=notes,
                       drift_starts=next((w.start for w in per_window if w.verdict == "significant"), None))

@@ -50,7 +50,7 @@ def print_summary(report: MonitorReport, console) -> None:
     drift = report.drift
     line(drift.summary, VERDICT_STYLES[drift.verdict])
     if drift.drift_starts:
-        line(f"  drift starts in the window from {drift.drift_starts}", VERDICT_STYLES["significant"])
+        line(f"  {_drift_start_text(report)}", VERDICT_STYLES["significant"])
     for note in drift.notes:
         line(f"  note: {note}", "dim")
     if drift.features:
@@ -85,6 +85,13 @@ def print_summary(report: MonitorReport, console) -> None:
              + "; ".join(f"{c.arm} {c.check} {c.value:g} (limit {c.threshold:g})" for c in failed), "bold red")
     else:
         line(f"quality: all {len(report.checks)} checks passed", "green")
+
+
+def _drift_start_text(report: MonitorReport) -> str:
+    if report.drift_failed:
+        return f"drift starts in the window from {report.drift.drift_starts}"
+    return (f"the window from {report.drift.drift_starts} drifted, though the whole period did not; --since a "
+            "shorter span judges the recent traffic alone")
 
 
 def _quality_table(table_type, rows, title: str):
@@ -189,7 +196,7 @@ def render_html(report: MonitorReport) -> str:
              f"<p>{report.requests:,} requests from {e(report.first_request)} to {e(report.last_request)}, windows "
              f"of {e(report.window)}; log {e(report.log_dir)}<br>reference: {e(report.reference.description)}</p>",
              f"<p class='{drift.verdict}'><b>{e(drift.summary)}</b>"
-             + (f"<br>drift starts in the window from {e(drift.drift_starts)}" if drift.drift_starts else "")
+             + (f"<br>{e(_drift_start_text(report))}" if drift.drift_starts else "")
              + "".join(f"<br><i>{e(note)}</i>" for note in drift.notes) + "</p>"]
     failed = report.failed_checks
     parts.append(f"<p class='{'significant' if failed else 'stable'}'><b>quality: "

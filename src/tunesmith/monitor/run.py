@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from tunesmith.errors import TunesmithError
-from tunesmith.monitor.drift import InputDrift, input_drift, last_user_text, whitespace_tokens
+from tunesmith.monitor.drift import InputDrift, input_drift, whitespace_tokens
 from tunesmith.monitor.quality import (FeedbackSummary, QualityRow, RequestTable, feedback_summary, parses_as_json,
                                        quality_rows)
 
@@ -24,16 +24,19 @@ MONITOR_REPORT_VERSION = 1
 JSON_ANSWERS_SHARE = 0.9
 """Training answers count as JSON (so logged answers are parsed) when at least this share of them parse."""
 MAX_WINDOWS = 1000
+TOKENIZE_CHUNK = 10_000
 
 
 class Thresholds(BaseModel):
     """What counts as drift and as a quality problem; each is a `tunesmith monitor` option."""
 
     psi: float = 0.25
-    """A prompt statistic drifts when its PSI exceeds this (and the KS test agrees at `ks_alpha`)."""
-    ks_alpha: float = 0.05
+    """A prompt statistic drifts when its PSI exceeds this (and its KS test is significant at `alpha`)."""
     domain_auc: float = 0.55
-    """The domain classifier flags drift when its cross-validated ROC AUC exceeds this (0.5: no difference)."""
+    """The domain classifier flags drift when its cross-validated ROC AUC exceeds this (0.5: no difference) and a
+    Mann-Whitney test of its scores is significant at `alpha`."""
+    alpha: float = 0.05
+    """Significance level of those tests, so that a small sample's noisy PSI or AUC does not flag drift alone."""
     max_server_error_rate: float = 0.05
     max_empty_rate: float = 0.05
     max_refusal_rate: float = 0.10
@@ -96,8 +99,10 @@ class MonitorReport(BaseModel):
 
 def monitor(name: str, since: str | None = "7d", window: str = "1d", log_dir: Path | None = None,
             training_data: Path | None = None, thresholds: Thresholds | None = None,
-            max_classifier_prompts: int = 5000, now: datetime | None = None) -> MonitorReport:
-    """Drift, quality and feedback of `name` (a public, served or registry name in the log) since `since`."""
+            max_classifier_prompts: int = 5000, tokenizer: Path | None = None,
+            now: datetime | None = None) -> MonitorReport:
+    """Drift, quality and feedback of `name` (a public, served or registry name in the log) since `since`; tokens
+    are counted with `tokenizer` (a model folder), else the registry version's base model, else whitespace words."""
     from tunesmith.request_log import default_request_log_dir, parse_since, read_feedback
 
     thresholds = thresholds or Thresholds()
@@ -108,10 +113,10 @@ def monitor(name: str, since: str | None = "7d", window: str = "1d", log_dir: Pa
     examples, reference, tokenizer_source = training_reference(name, table, training_data)
     windows, starts = window_numbers(np.asarray(table.times), step)
     with_prompt = [i for i, prompt in enumerate(table.prompts) if prompt]
-    tokenize, token_unit = tokenizer_for(tokenizer_source)
-    drift = input_drift([last_user_text(e.message_dicts()) or "" for e in examples],
+    tokenize, token_unit = tokenizer_for(str(tokenizer) if tokenizer else tokenizer_source)
+    drift = input_drift([_training_prompt(example) for example in examples],
                         [table.prompts[i] for i in with_prompt], windows[with_prompt], starts, tokenize, token_unit,
-                        thresholds.psi, thresholds.domain_auc, thresholds.ks_alpha, max_classifier_prompts)
+                        thresholds.psi, thresholds.domain_auc, thresholds.alpha, max_classifier_prompts)
     quality = quality_rows(table, windows, starts, reference.answers_json)
     feedback = feedback_summary(read_feedback(log_dir, start), table, logged_ids)
     return MonitorReport(
@@ -189,11 +194,12 @@ def _version_run(store, model: str, version: str):
     from tunesmith.registry.run import Run
 
     run = Run.open(store.local_copy(model, version))
-    for split, file_name in (("train", run.manifest.data.train_file), ("validation", run.manifest.data.validation_file)):
+    data = run.manifest.data
+    for split, file_name in (("train", data.train_file), ("validation", data.validation_file)):
         if (run.directory / file_name).is_file():
             return run, split
-    raise TunesmithError(f"{model}@{version} has no data card (neither {run.manifest.data.train_file} nor "
-                         f"{run.manifest.data.validation_file} in {run.directory}); pass --training-data FILE")
+    raise TunesmithError(f"{model}@{version} has no data card (neither {data.train_file} nor {data.validation_file} "
+                         f"in {run.directory}); pass --training-data FILE")
 
 
 def _read_split(run, split: str) -> list:
@@ -209,6 +215,11 @@ def _reference(source: str, description: str, examples: list) -> Reference:
                      answers_json=bool(answers) and parsed >= JSON_ANSWERS_SHARE * len(answers))
 
 
+def _training_prompt(example) -> str:
+    """The last user message of a training example (chat, preference or unpaired), as a production prompt is."""
+    return next((message.content for message in reversed(example.messages) if message.role == "user"), "")
+
+
 def _training_answer(example) -> str:
     """The answer the example trains: the reference reply, the chosen one, or the unpaired completion."""
     for attribute in ("chosen", "completion"):
@@ -218,17 +229,35 @@ def _training_answer(example) -> str:
 
 
 def tokenizer_for(source: str | None):
-    """(tokenize, unit name): the version's tokenizer when its base model is a local folder, else whitespace words."""
+    """(tokenize, unit name): a model folder's tokenizer, else whitespace words."""
     if source is None:
         return whitespace_tokens, "whitespace words"
-    from tunesmith.models import load_tokenizer
+    folder = Path(source)
+    if not folder.is_dir():
+        raise TunesmithError(f"--tokenizer {source}: not a model folder; give a local folder with a tokenizer "
+                             "(such as a base model's), or leave it out to count whitespace words")
+    if (folder / "tokenizer.json").is_file():  # the tokenizers library alone loads in a blink; transformers does not
+        from tokenizers import Tokenizer
 
-    tokenizer = load_tokenizer(source)
+        fast = Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return [encoding.ids for encoding in fast.encode_batch(texts, add_special_tokens=False)]
+    else:
+        from tunesmith.models import load_tokenizer
+
+        tokenizer = load_tokenizer(folder)
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
 
     def tokenize(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        ids = []
+        for start in range(0, len(texts), TOKENIZE_CHUNK):  # in chunks: one batch of 100k prompts holds ~0.5 GiB
+            ids += encode(texts[start:start + TOKENIZE_CHUNK])
+        return ids
 
-    return tokenize, f"tokens ({Path(source).name} tokenizer)"
+    return tokenize, f"tokens ({folder.name} tokenizer)"
 
 
 def window_numbers(times: np.ndarray, step: timedelta) -> tuple[np.ndarray, list[str]]:

@@ -27,7 +27,8 @@ def serve_command(references: list[str], config: Path | None, base: bool | None,
     if engine == "native":
         from tunesmith.serve.app import run_server
 
-        run_server(references, settings.model_copy(update={"host": host, "port": port}), serve_base)
+        extend = fine_tuning_api(settings.jobs) if settings.jobs.enabled else None
+        run_server(references, settings.model_copy(update={"host": host, "port": port}), serve_base, extend=extend)
         return 0
     from tunesmith.serve.targets import resolve_targets
 
@@ -41,3 +42,34 @@ def serve_command(references: list[str], config: Path | None, base: bool | None,
 
         return launch_llama_server(targets, host, port, serve_base)
     raise TunesmithError(f"--engine {engine}: unknown; use native, vllm or llamacpp")
+
+
+def fine_tuning_api(settings):
+    """The server extension that serves OpenAI's fine-tuning API: jobs run beside the server, each in its own
+    process, and every model a job makes (and each checkpoint) is served at once, to the key that owns it."""
+    from tunesmith.jobs.routes import jobs_router
+    from tunesmith.jobs.store import JobStore
+    from tunesmith.jobs.supervisor import JobsService, ModelReady
+    from tunesmith.serve.app import ServerExtension
+
+    def extend(engine, gateway) -> ServerExtension:
+        def serve(ready: ModelReady) -> None:
+            gateway.owners[ready.name] = ready.owner  # owned before it is visible
+            engine.load(ready.reference, name=ready.name)
+
+        store = JobStore()
+        service = JobsService(store, settings, on_model_ready=serve)
+        for ready in service.models_ready():  # what earlier jobs made, before the server answers
+            try:
+                serve(ready)
+            except TunesmithError as exc:
+                print(f"  {ready.name}: not served ({exc})", flush=True)
+        service.start()
+
+        def stop() -> None:
+            service.stop()
+            store.close()
+
+        return ServerExtension([jobs_router(service)], {"/v1/files": service.max_file_bytes}, stop)
+
+    return extend

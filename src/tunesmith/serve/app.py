@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,10 +20,12 @@ from tunesmith.serve.answers import (
     completion_chunks,
     completion_response,
 )
+from tunesmith.serve.admin_routes import admin_router
 from tunesmith.serve.engine import ModelNotFound, ServingEngine
 from tunesmith.serve.errors import MAX_REQUEST_BYTES, BodySizeLimit, install_error_handlers
 from tunesmith.serve.gateway.exchange import Exchange
 from tunesmith.serve.gateway.gateway import Gateway, KeyCheck
+from tunesmith.serve.hot_reload import start_alias_watcher
 from tunesmith.serve.http_protocol import OpenAIErrorH11Protocol
 from tunesmith.serve.protocol import (
     ChatCompletionRequest,
@@ -35,13 +38,14 @@ from tunesmith.serve.protocol import (
 
 
 def build_app(engine: ServingEngine, max_request_bytes: int = MAX_REQUEST_BYTES, gateway: Gateway | None = None,
-              cors_origins: list[str] | tuple[str, ...] = ()) -> FastAPI:
+              cors_origins: list[str] | tuple[str, ...] = (), extension: ServerExtension | None = None) -> FastAPI:
     """`/health`, `/metrics`, `/v1/models`, `/v1/chat/completions` and `/v1/completions` over `engine`, behind
     `gateway` (keys, limits, routes, request log; without one: no keys, no log, metrics only)."""
     gateway = gateway or Gateway(engine)
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app, gateway.metrics.rejected)
-    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    larger = extension.larger_bodies if extension else {}
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes, larger=larger)
     app.add_middleware(KeyCheck, gateway=gateway)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -49,6 +53,9 @@ def build_app(engine: ServingEngine, max_request_bytes: int = MAX_REQUEST_BYTES,
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.state.gateway = gateway
+    app.include_router(admin_router(engine))
+    for router in extension.routers if extension else []:
+        app.include_router(router)
 
     @app.get("/health")
     def health() -> dict:
@@ -154,8 +161,19 @@ def _echo(engine: ServingEngine, served: str, request: CompletionRequest, prompt
     return engine.check_model(served).tokenizer.decode(prompt_ids)
 
 
+@dataclass
+class ServerExtension:
+    """What a server carries beside chat (the fine-tuning API): routes, bodies it lets be larger (path -> bytes),
+    and what runs with the server (`stop` is called on the way out)."""
+
+    routers: list = field(default_factory=list)
+    larger_bodies: dict[str, int] = field(default_factory=dict)
+    stop: Callable[[], None] = lambda: None
+
+
 def run_server(references: list[str] | Path | str, settings: ServeConfig | None = None, serve_base: bool = True,
-               log_level: str = "warning") -> None:
+               log_level: str = "warning",
+               extend: Callable[[ServingEngine, Gateway], ServerExtension] | None = None) -> None:
     """Load the served versions and serve them behind the gateway until SIGTERM/Ctrl-C, which stops taking requests
     and lets those in flight finish for up to `settings.drain_seconds`."""
     import os
@@ -178,18 +196,23 @@ def run_server(references: list[str] | Path | str, settings: ServeConfig | None 
     if warning:
         print(warning, flush=True)
     engine.start()
+    extension = extend(engine, gateway) if extend else ServerExtension()
+    stop_watching = start_alias_watcher(engine, settings.reload_seconds) if settings.reload_seconds else None
     print(f"Serving {', '.join(gateway.visible_models(None))} at http://{host}:{settings.port}/v1 "
           f"(OpenAI-compatible; API keys {'required' if gateway.keys_required() else 'off'}; request log in "
           f"{gateway.request_log.directory})", flush=True)
     for name in engine.list_models():
         if engine.models[name].note:
             print(f"  {name} {engine.models[name].note}", flush=True)
-    app = build_app(engine, gateway=gateway, cors_origins=settings.cors_origins)
+    app = build_app(engine, gateway=gateway, cors_origins=settings.cors_origins, extension=extension)
     config = uvicorn.Config(app, host=host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=settings.drain_seconds, http=OpenAIErrorH11Protocol)
     try:
         uvicorn.Server(config).run()
     finally:
+        if stop_watching:
+            stop_watching()
+        extension.stop()
         engine.stop()
         gateway.close()
 

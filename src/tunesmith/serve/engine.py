@@ -14,6 +14,7 @@ import time
 import weakref
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -203,17 +204,20 @@ class ServingEngine:
 
     # --- changing what is served while serving -------------------------------------------------------------------
 
-    def load(self, reference: str) -> str:
-        """Serve a run directory or registry reference (NAME@VERSION, NAME@ALIAS) under its name, which is returned.
-        Loading what is served already is a no-op; a served alias moves to the version it names now."""
+    def load(self, reference: str, name: str | None = None) -> str:
+        """Serve a run directory or registry reference (NAME@VERSION, NAME@ALIAS) under its name, or under `name` (a
+        fine-tuning job's `ft:...` model); the served name. Loading what is served already is a no-op; a served
+        alias moves to the version it names now."""
         target = resolve_target(reference)
+        follows = target.follows_alias and name is None
+        target = replace(target, name=name) if name else target
         with self._changing:
             current = self.names.get(target.name)
-            if current is not None and current != target.engine_name and not target.follows_alias:
+            if current is not None and current != target.engine_name and not follows:
                 raise TunesmithError(f"{reference}: the name {target.name!r} already serves {current}; unload it "
                                      "first")
             self._switch(target.name, target)
-            if target.follows_alias:
+            if follows:
                 self.aliases.add(target.name)
         return target.name
 

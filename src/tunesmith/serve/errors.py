@@ -27,15 +27,18 @@ class BodyTooLarge(StarletteHTTPException):
 class BodySizeLimit:
     """Refuse request bodies over `max_bytes` (413 in OpenAI's error shape) before they are read whole."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, larger: dict[str, int] | None = None):
         self.app, self.max_bytes = app, max_bytes
+        self.larger = larger or {}
+        """Paths whose bodies may be larger (file uploads), and their limit."""
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.larger.get(scope["path"], self.max_bytes)
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            response = error_response(413, str(BodyTooLarge(self.max_bytes).detail))
+        if declared.isdigit() and int(declared) > limit:
+            response = error_response(413, str(BodyTooLarge(limit).detail))
             return await response(scope, receive, send)
         received = 0
 
@@ -43,8 +46,8 @@ class BodySizeLimit:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise BodyTooLarge(self.max_bytes)
+            if received > limit:
+                raise BodyTooLarge(limit)
             return message
 
         await self.app(scope, counted, send)

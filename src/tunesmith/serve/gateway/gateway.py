@@ -20,7 +20,7 @@ from tunesmith.config import ServeConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.records import FeedbackRecord
 from tunesmith.request_log import append_feedback, read_request_log, redact_texts, utc_timestamp
-from tunesmith.serve.engine import ServingEngine
+from tunesmith.serve.engine import ModelNotFound, ServingEngine
 from tunesmith.serve.errors import ModelNotAllowed, error_response
 from tunesmith.serve.gateway.canary import CanaryChange
 from tunesmith.serve.gateway.exchange import Exchange
@@ -53,6 +53,8 @@ class Gateway:
         self._background: set[asyncio.Task] = set()  # shadow answers still running (held so they are not collected)
         self._events_lock = threading.Lock()
         self.answered: OrderedDict[str, str | None] = OrderedDict()  # recent answer ids -> the key that got them
+        self.owners: dict[str, str | None] = {}
+        """Served names that belong to one API key id (models its fine-tuning jobs made)."""
 
     @classmethod
     def from_settings(cls, engine: ServingEngine, settings: ServeConfig) -> Gateway:
@@ -76,8 +78,10 @@ class Gateway:
     def open(self, raw: Request, request, endpoint: str) -> Exchange:
         """Route the request and check that its key may use what it asked for (ModelNotAllowed otherwise)."""
         key = self.key_of(raw)
+        if not self.may_see(key, request.model):
+            raise ModelNotFound(request.model, self.visible_models(key))
         decision = self.router.decide(request.model, key.key_id if key else None, request.user)
-        if key is not None:
+        if key is not None and self.owners.get(request.model) != key.key_id:
             served = self.router.routes[request.model].arms() if decision.route else []
             if not model_allowed(key, request.model, served):
                 raise ModelNotAllowed(key.name, request.model)
@@ -149,13 +153,17 @@ class Gateway:
 
     # --- routes ----------------------------------------------------------------------------------------------
 
+    def may_see(self, key: ApiKey | None, name: str) -> bool:
+        """A model a fine-tuning job made belongs to the key that made it: to others it does not exist."""
+        return name not in self.owners or self.owners[name] == (key.key_id if key else None)
+
     def visible_models(self, key: ApiKey | None) -> list[str]:
         """Served names and route names this key may call."""
-        names = self.engine.list_models() + list(self.router.routes)
+        names = [name for name in self.engine.list_models() + list(self.router.routes) if self.may_see(key, name)]
         if key is None:
             return names
-        return [name for name in names
-                if model_allowed(key, name, self.router.routes[name].arms() if name in self.router.routes else [])]
+        return [name for name in names if self.owners.get(name) == key.key_id
+                or model_allowed(key, name, self.router.routes[name].arms() if name in self.router.routes else [])]
 
     def _canary_changed(self, route: str, arm: str, change: CanaryChange) -> None:
         self.metrics.canary_share(route, arm, change.share)
@@ -183,10 +191,12 @@ def _owner_in_log(directory: Path, completion_id: str):
 def _by_served_name(engine: ServingEngine, which: str) -> dict[str, int]:
     """Requests running or waiting per served name (idle ones at 0, so dashboards list every model)."""
     counts = dict.fromkeys(engine.list_models(), 0)
-    by_engine_name = getattr(engine.batching, f"{which}_by_model", None)
-    for name, count in (by_engine_name() if by_engine_name else {}).items():
-        served = getattr(engine, "served_name_of", lambda n: n)(name)
-        counts[served] = counts.get(served, 0) + count
+    served_as: dict[str, str] = {}
+    for served, engine_name in sorted(engine.names.items()):  # a version served under two names counts once
+        served_as.setdefault(engine_name, served)
+    for engine_name, count in getattr(engine.batching, f"{which}_by_model")().items():
+        if engine_name in served_as:
+            counts[served_as[engine_name]] += count
     return counts
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from tunesmith.errors import TunesmithError
 from tunesmith.monitor.run import MonitorReport
 
+SHOWN_WINDOW_ROWS = 40
 VERDICT_STYLES = {"significant": "bold red", "moderate": "yellow", "stable": "green", "unknown": "dim"}
 DRIFT_LEVELS = {"unknown": -1, "stable": 0, "moderate": 1, "significant": 2}
 QUALITY_GAUGES = (
@@ -77,7 +78,10 @@ def print_summary(report: MonitorReport, console) -> None:
     console.print(_quality_table(Table, [r for r in report.quality if r.window is None], "quality per arm"))
     per_window = [r for r in report.quality if r.window is not None]
     if len({r.window for r in per_window}) > 1:
-        console.print(_quality_table(Table, per_window[-40:], "quality per window and arm"))
+        shown = per_window[-SHOWN_WINDOW_ROWS:]
+        title = "quality per window and arm" + (f" (last {len(shown)} rows; --html has all)"
+                                                 if len(shown) < len(per_window) else "")
+        console.print(_quality_table(Table, shown, title))
     _print_feedback(report, console, Table, line)
     failed = report.failed_checks
     if failed:
@@ -340,6 +344,8 @@ def _bin_labels(edges: list[float]) -> list[str]:
     return [f"≤{edge}" for edge in shown] + [f">{shown[-1]}"]
 
 
-def _window_ticks(axis, starts: list[str]) -> None:
-    axis.set_xticks(range(len(starts)), [start[:16].replace("T", " ") for start in starts], fontsize="x-small",
-                    rotation=45)
+def _window_ticks(axis, starts: list[str], most: int = 12) -> None:
+    """Window starts under the x axis, thinned to at most `most` labels so they stay readable."""
+    every = -(-len(starts) // most)
+    shown = range(0, len(starts), every)
+    axis.set_xticks(shown, [starts[n][:16].replace("T", " ") for n in shown], fontsize="x-small", rotation=45)

@@ -35,6 +35,7 @@ from tunesmith.serve.protocol import (
     ModelCard,
     ModelList,
 )
+from tunesmith.serve.targets import resolve_targets
 
 
 def build_app(engine: ServingEngine, max_request_bytes: int = MAX_REQUEST_BYTES, gateway: Gateway | None = None,
@@ -186,11 +187,14 @@ def run_server(references: list[str] | Path | str, settings: ServeConfig | None 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
         torch.set_num_threads(settings.threads or max(1, cores - 1))
 
-    references = [str(references)] if isinstance(references, (str, Path)) else references
-    references += [arm for route in settings.routes.values() for arm in route.arms() if arm not in references]
-    engine = ServingEngine.from_references(references, serve_base, default_max_tokens=settings.max_new_tokens,
-                                           max_batch=settings.max_batch, max_waiting=settings.max_waiting,
-                                           request_timeout=settings.request_timeout)
+    references = [str(references)] if isinstance(references, (str, Path)) else list(references)
+    targets = resolve_targets(references)
+    named = {target.name for target in targets}  # route arms not served yet are registry references to add
+    unserved = list(dict.fromkeys(arm for route in settings.routes.values() for arm in route.arms() if arm not in named))
+    targets += resolve_targets(unserved) if unserved else []
+    engine = ServingEngine.from_targets(targets, serve_base, default_max_tokens=settings.max_new_tokens,
+                                        max_batch=settings.max_batch, max_waiting=settings.max_waiting,
+                                        request_timeout=settings.request_timeout)
     gateway = Gateway.from_settings(engine, settings)
     host, warning = listen_host(settings.host, gateway.keys_required())
     if warning:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -282,3 +284,19 @@ def test_retrain_registers_a_child_with_its_lineage_and_promotes_only_past_the_g
     comparison = store.version_info("orders", "3").lineage.train["retrain"]["comparison"]
     assert comparison["subsets"]["new"]["results"]["fine-tuned"]["exact_match"] == 1.0
     assert comparison["subsets"]["new"]["results"]["champion"]["exact_match"] == 0.0 and comparison["passed"]
+
+
+def test_the_drift_examples_traffic_turns_into_corrections_of_the_shifted_requests(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "examples" / "drift" / "make_traffic.py"
+    made = subprocess.run([sys.executable, str(script), "--log-dir", str(tmp_path / "requests"), "--answers",
+                           "synthetic", "--per-day", "12"], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    assert "wrote 84 requests" in made.stdout
+
+    out = tmp_path / "new.jsonl"
+    result = invoke("data", "from-logs", "orders", "--log-dir", tmp_path / "requests", "--out", out,
+                    "--use", "corrected", "--against", "none")
+    assert result.exit_code == 0, result.output
+    prompts = [row.messages[1].content for row in read_examples(out)]
+    wholesale = [p for p in prompts if any(word in p for word in ("dozen", "pair of", "couple of"))]
+    assert len(prompts) >= 10 and len(wholesale) >= 0.8 * len(prompts)  # the corrections are where the drift is

@@ -104,11 +104,11 @@ def test_a_supervised_job_reports_each_stage_trains_checkpoints_and_registers(fi
     base_dir = json.loads((job_dir / "run" / "manifest.json").read_text())["base_model"]["source"]
     adapters = {}
     for line in (checkpoints[0], checkpoints[-1]):
-        model = PeftModel.from_pretrained(load_model(base_dir), line.path)
+        model = PeftModel.from_pretrained(load_model(base_dir), line.path + "/adapter")
         adapters[line.step_number] = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
     assert any(not adapters[4][k].equal(adapters[12][k]) for k in adapters[4])  # each checkpoint its own step's
     final = load_file(str(job_dir / "run" / "adapter" / "adapter_model.safetensors"))
-    assert all(final[k].equal(v) for k, v in load_file(checkpoints[-1].path + "/adapter_model.safetensors").items())
+    assert all(final[k].equal(v) for k, v in load_file(checkpoints[-1].path + "/adapter/adapter_model.safetensors").items())
 
     result = _result(job_dir)
     assert result.status == "succeeded" and result.fine_tuned_model == "ft:tiny:tunesmith::ftjob-supervised"
@@ -166,7 +166,7 @@ def test_a_dpo_job_in_openai_dpo_format_succeeds(tmp_path, tiny_model_dir):
     assert result.status == "succeeded" and result.registry_reference == "ftjob-dpo@1"
     assert [e.data["step"] for e in _events(job_dir) if e.type == "metrics"]
     assert json.loads((job_dir / "run" / "manifest.json").read_text())["train"]["config"]["preference"]["beta"] == 0.2
-    assert Path(_checkpoints(job_dir)[-1].path, "adapter_config.json").is_file()
+    assert Path(_checkpoints(job_dir)[-1].path, "adapter", "adapter_config.json").is_file()
 
 
 def test_a_broken_training_file_fails_naming_its_lines_before_anything_trains(tmp_path, tiny_model_dir):

@@ -314,10 +314,12 @@ class JobsService:
             self.store.update_job(job.id, when_status="running", status="failed", error=error, **finished)
             return  # the runner's own events say why
         name = result.fine_tuned_model or job.planned_model
-        if self.store.update_job(job.id, when_status="running", status="succeeded", fine_tuned_model=name,
-                                 registry_reference=result.registry_reference, **finished):
-            if result.registry_reference:
-                self._announce(job.id, name, result.registry_reference)
+        if self.store.job(job.id).status != "running":
+            return
+        if result.registry_reference:  # served before the job says succeeded: a client that sees it can chat
+            self._announce(job.id, name, result.registry_reference)
+        self.store.update_job(job.id, when_status="running", status="succeeded", fine_tuned_model=name,
+                              registry_reference=result.registry_reference, **finished)
 
     def _add_result_file(self, job: JobRecord, path: Path) -> str:
         with open(path, "rb") as source:

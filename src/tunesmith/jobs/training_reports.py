@@ -16,6 +16,8 @@ from tunesmith.registry.run_dir import write_text_atomic
 from tunesmith.train.checkpoints import PROGRESS_FILE, complete_checkpoints
 
 EXPORTED_CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_ADAPTER = "adapter"
+"""Inside a checkpoint's folder: its peft adapter (the folder itself is a servable run directory)."""
 STEP_METRICS_FILE = "step_metrics.csv"
 STEP_METRICS_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
 
@@ -55,9 +57,24 @@ class TrainingReporter:
             self._report(steps, exported, losses, validation)
 
     def _exported(self, step: int) -> Path:
-        return self.folder.directory / EXPORTED_CHECKPOINTS_DIR / f"step-{step}"
+        return self.folder.directory / EXPORTED_CHECKPOINTS_DIR / f"step-{step}" / CHECKPOINT_ADAPTER
 
-    def _report(self, step: int, path: Path, losses: list[dict], validation: list[dict]) -> None:
+    def _servable(self, step: int, adapter: Path) -> Path:
+        """The checkpoint's folder as a run directory a server opens like any other (`tunesmith serve PATH`): the
+        job run's manifest, trained with this adapter, whose hash is checked before it loads."""
+        from tunesmith.registry.hashing import folder_sha256
+        from tunesmith.registry.run import Run, write_manifest
+
+        run = Run.open(self.folder.run_dir)
+        train = TrainSection(method="sft", adapter="lora", adapter_dir=CHECKPOINT_ADAPTER,
+                             data_hash=run.manifest.data.dataset_hash, base_model=run.manifest.base_model,
+                             config={}, weights_sha256=folder_sha256(adapter))
+        manifest = run.manifest.model_copy(update={"name": f"ckpt-step-{step}", "train": train, "evaluate": None})
+        write_manifest(adapter.parent / "manifest.json", manifest)
+        return adapter.parent
+
+    def _report(self, step: int, adapter: Path, losses: list[dict], validation: list[dict]) -> None:
+        path = self._servable(step, adapter)
         metrics = step_metrics(step, None, losses, validation, None)
         if "valid_loss" in metrics:
             metrics["full_valid_loss"] = metrics["valid_loss"]  # tunesmith validates on the whole split

@@ -10,7 +10,9 @@ Answers come from the served version when `--answers model` (default when a vers
 behind `--served`, e.g. orders@production, generates every answer greedily), else they are synthesized: right on
 familiar text, with the mistakes a small model makes on the shifted text (a dozen read as 1, plurals kept).
 
-Run: python examples/drift/make_traffic.py --log-dir examples/drift/requests [--answers synthetic]
+Run: python examples/drift/make_traffic.py [--log-dir examples/drift/requests] [--answers synthetic] [--tiny]
+`--tiny` first trains the quickstart on the tiny test model (seconds) and registers it as orders@production when
+nothing holds that alias yet, and synthesizes the answers (the tiny model's own are noise).
 Seeded: the same requests come out every time (times are relative to now, so `--since 7d` covers them).
 """
 
@@ -24,7 +26,8 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quickstart"))
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "examples" / "quickstart"))
 from make_data import CITIES, COLORS, NUMBER_WORDS, SYSTEM, make_row, plural  # noqa: E402 (the quickstart's own generator)
 
 GADGETS = ["charger", "keyboard", "headset", "monitor", "router", "webcam", "speaker", "tablet", "cable", "adapter"]
@@ -87,6 +90,36 @@ def model_answers(served: str, conversations: list[list[dict]]) -> list[str]:
     return [answer.text for answer in answers]
 
 
+def register_tiny_production(served: str) -> None:
+    """Train the quickstart on the tiny test model and make it `served` (e.g. orders@production), unless taken."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import build_tiny_model  # the test suite's tiny chat model, built from scratch (no download)
+
+    from tunesmith.config import load_config
+    from tunesmith.data.prepare import prepare
+    from tunesmith.evaluate.run import evaluate_run
+    from tunesmith.registry.register import register_run
+    from tunesmith.registry.store import Registry, parse_reference
+    from tunesmith.train.sft import train_sft
+
+    if _registered(served) != (None, None):
+        return
+    name, alias = parse_reference(served)
+    model_dir = Path("runs") / "tiny-model"
+    if not (model_dir / "config.json").is_file():
+        build_tiny_model(model_dir)
+    config = load_config(REPO / "examples" / "quickstart" / "config.yaml", [
+        f"base_model={model_dir.resolve()}", "name=quickstart-tiny", "train.max_steps=40", "train.learning_rate=0.01",
+        "train.precision=fp32", "evaluate.max_examples=30", "evaluate.max_new_tokens=16", "evaluate.general_check=false"])
+    run_dir = prepare(config, overwrite=True)
+    train_sft(run_dir, config)
+    evaluate_run(run_dir, config)
+    registry = Registry()
+    info, _ = register_run(registry, run_dir, name)
+    registry.move_alias(name, alias, info.version, "set", "the drift example's tiny stand-in for the quickstart", {})
+    print(f"registered {run_dir} (tiny test model) as {name}@{info.version} and pointed {served} at it")
+
+
 def verdict(rng: random.Random, wrong: bool, truth: dict) -> tuple[str, str | None] | None:
     """A caller's feedback on one answer: most wrong ones corrected, some right ones approved, most unrated."""
     if wrong:
@@ -102,7 +135,12 @@ def main() -> None:
                         help="auto: the served version when it is registered, else synthetic.")
     parser.add_argument("--per-day", type=int, default=40, help="Requests per day.")
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--tiny", action="store_true", help="Serve the quickstart trained on the tiny test model "
+                                                            "(set up when --served is not registered yet).")
     args = parser.parse_args()
+    if args.tiny:
+        register_tiny_production(args.served)
+        args.answers = "synthetic" if args.answers == "auto" else args.answers
 
     from tunesmith.records import FeedbackRecord, RequestLogRecord
     from tunesmith.request_log import RequestLogWriter, append_feedback, utc_timestamp
@@ -117,11 +155,11 @@ def main() -> None:
             moment = start + timedelta(days=day, seconds=rng.uniform(0, 86_400))
             requests.append((moment, messages, truth, shifted))
     requests.sort(key=lambda request: request[0])
-    name, version = _registered(args.served) if args.answers != "synthetic" else (None, None)
+    name, version = _registered(args.served)
     if args.answers == "model" and version is None:
         raise SystemExit(f"{args.served} is not registered; register the quickstart run first (see README.md) "
                          "or pass --answers synthetic")
-    if version is not None:
+    if version is not None and args.answers != "synthetic":
         answers = model_answers(args.served, [messages for _, messages, _, _ in requests])
     else:
         answers = [synthetic_answer(rng, messages, truth, shifted) for _, messages, truth, shifted in requests]
@@ -148,7 +186,7 @@ def main() -> None:
                     id=f"fb-{uuid.UUID(int=rng.getrandbits(128)).hex[:16]}",
                     time=utc_timestamp(moment + timedelta(minutes=rng.uniform(1, 120))),
                     completion_id=record_id, rating=rating, corrected=corrected))
-    source = f"{args.served} (version {version})" if version else "synthesized answers"
+    source = f"{args.served} (version {version})" if args.answers != "synthetic" and version else "synthesized answers"
     print(f"wrote {counts['requests']} requests ({counts['shifted']} wholesale, from day {SHIFT_FROM_DAY + 1}) "
           f"answered by {source} to {args.log_dir}")
     print(f"  wrong answers: {counts['wrong_familiar']} of {counts['requests'] - counts['shifted']} familiar, "

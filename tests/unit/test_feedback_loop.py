@@ -247,6 +247,16 @@ def test_retrain_dry_run_prints_the_plan_and_writes_nothing(tmp_path, production
     runs = Path(yaml.safe_load((production_copy(production) / "config.yaml").read_text())["output_dir"])
     assert not (runs / "child").exists() and not (runs / "child.inputs").exists()
 
+    other_base = retrain("orders", "base_model=someorg/another-model", "--data", data, "--dry-run")
+    assert other_base.exit_code == 2 and "retrain continues the parent's weights" in other_base.output
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"input": {"messages": [{"role": "user", "content": german_order(n)}]},
+                                         "preferred_output": [{"role": "assistant", "content": "ok"}],
+                                         "non_preferred_output": [{"role": "assistant", "content": "no"}]}) + "\n"
+                             for n in range(3)))
+    not_sft = retrain("orders", "--data", pairs, "--dry-run")
+    assert not_sft.exit_code == 2 and "holds preference rows" in not_sft.output
+
 
 def production_copy(info):
     from tunesmith.registry.store import Registry
@@ -281,6 +291,9 @@ def test_retrain_registers_a_child_with_its_lineage_and_promotes_only_past_the_g
                      f"output_dir={runs}", "train.max_steps=80", "train.learning_rate=0.03", "evaluate.max_new_tokens=2")
     assert strong.exit_code == 0, strong.output
     assert "promoted orders@production: 1 -> 3" in strong.output
+    move = store.history("orders", "production")[-1]  # the child's own evaluation was the evidence
+    assert (move.from_version, move.to_version) == ("1", "3") and move.evidence["retrain"]["passed"]
+    assert move.evidence["results"]["champion"] and move.evidence["reused"]
     comparison = store.version_info("orders", "3").lineage.train["retrain"]["comparison"]
     assert comparison["subsets"]["new"]["results"]["fine-tuned"]["exact_match"] == 1.0
     assert comparison["subsets"]["new"]["results"]["champion"]["exact_match"] == 0.0 and comparison["passed"]

@@ -152,25 +152,23 @@ def retrain_command(
             if dry_run:
                 _print_plan(plan, from_, promote_to, metric, tolerance)
                 return
-        passed, version = _retrain(registry, plan, data, from_, metric, tolerance)
-    if not passed:
+        comparison, report, version = _retrain(registry, plan, data, from_, metric, tolerance)
+    if not comparison["passed"]:
         if promote_to:
             from tunesmith.cli.output import console
 
             console.print(f"[bold red]not promoted:[/] {name}@{version} stays off {promote_to}", highlight=False)
         raise typer.Exit(1)
     if promote_to:
-        from tunesmith.cli.promotion import promote_version
-
+        why = f"retrain of {plan.parent.reference} on {data}: holds the old held-out rows and wins on the new ones"
         with user_errors():
-            moved = promote_version(f"{name}@{version}", promote_to, [], f"retrain of {plan.parent.reference} on "
-                                    f"{data}: holds the old held-out rows and wins on the new ones")
+            moved = _promote(registry, plan, version, promote_to, report, comparison, why)
         if not moved:
             raise typer.Exit(1)
 
 
-def _retrain(registry, plan, data: Path, from_: str, metric: str, tolerance: float) -> tuple[bool, str]:
-    """Prepare, train, evaluate, compare and register the child; (whether it passed the retrain gates, its version)."""
+def _retrain(registry, plan, data: Path, from_: str, metric: str, tolerance: float) -> tuple[dict, dict, str]:
+    """Prepare, train, evaluate, compare and register the child: (the comparison, its evaluation, its version)."""
     from rich.markup import escape
 
     from tunesmith.cli import output
@@ -194,7 +192,38 @@ def _retrain(registry, plan, data: Path, from_: str, metric: str, tolerance: flo
     output.console.print(f"[bold green]{'registered' if created else 'already registered as'}[/] "
                          f"{info.model}@{info.version} (parent {plan.parent.reference}, {escape(registry.uri)})",
                          highlight=False)
-    return comparison["passed"], info.version
+    return comparison, report, info.version
+
+
+def _promote(registry, plan, version: str, alias: str, report: dict, comparison: dict, why: str) -> bool:
+    """Move `alias` to the child behind the registry's promotion gates. When the parent holds the alias, the child's
+    evaluation (the parent beside it on the child's held-out split, with the config's settings) is the evidence
+    `tunesmith promote` would compute, so it is not computed twice; any other holder is evaluated by
+    `promote_version`."""
+    from tunesmith.cli.output import console, plain
+    from tunesmith.cli.promotion import promote_version
+    from tunesmith.evaluate.contenders import BASE, CHAMPION, FINE_TUNED
+    from tunesmith.evaluate.gates import check_gates, describe_outcome, parse_gate
+    from tunesmith.registry.store import check_alias
+
+    name, config = plan.parent.name, plan.config
+    with registry.errors():
+        holder = (registry.client.get_registered_model(name).aliases or {}).get(check_alias(alias))
+    if holder is None or str(holder) != plan.parent.version:
+        return promote_version(f"{name}@{version}", alias, [], why)
+    rules = [parse_gate(text) for text in [*config.evaluate.gates, *config.registry.promote_if]]
+    references = {ref: label for ref, label in (("base", BASE), ("champion", CHAMPION)) if label in report["results"]}
+    outcomes = [o for o in check_gates(rules, report["results"], references) if o["model"] == FINE_TUNED]
+    for outcome in outcomes:
+        console.print(plain(describe_outcome(outcome), "green" if outcome["passed"] else "bold red"))
+    if not all(outcome["passed"] for outcome in outcomes):
+        console.print(f"[bold red]not promoted:[/] {name}@{version} stays off {alias}", highlight=False)
+        return False
+    registry.move_alias(name, alias, version, "promote", why, {
+        "champion": plan.parent.version, "gates": outcomes, "results": report["results"],
+        "examples": report["examples"], "evidence": "run/eval/report.json", "reused": True, "retrain": comparison})
+    console.print(f"[bold green]promoted[/] {name}@{alias}: {plan.parent.version} -> {version}", highlight=False)
+    return True
 
 
 def _check_both_held_out(run_dir: Path, plan) -> None:

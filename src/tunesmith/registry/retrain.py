@@ -138,13 +138,15 @@ def plan_retrain(parent: VersionRun, start_config: RunConfig, new_data: Path, re
     if not 0 < held_out < 1:
         raise TunesmithError(f"--held-out {held_out}: give the share of the new rows held out for evaluation, "
                              "between 0 and 1 (such as 0.2)")
-    parent_data = Run.open(parent.run_dir).manifest.data
+    parent_run = Run.open(parent.run_dir)
+    parent_data = parent_run.manifest.data
     if start_config.train.method != "sft":
         raise TunesmithError(f"train.method={start_config.train.method}: retrain continues a version with SFT on new "
                              "rows; set train.method=sft (train preference pairs with `tunesmith run`)")
     if parent_data.kind != "sft":
         raise TunesmithError(f"{parent.reference} was trained on preference data; retrain continues SFT versions "
                              "(train preference pairs with `tunesmith run` and train.method=dpo)")
+    _check_same_base(parent, parent_run, start_config)
     new_train, new_held_out = split_new_rows(new_data, held_out, start_config.seed)
     name = child_name or f"{parent.name}-retrain-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
     inputs_dir = (Path(start_config.output_dir) / f"{name}.inputs").resolve()
@@ -159,6 +161,17 @@ def plan_retrain(parent: VersionRun, start_config: RunConfig, new_data: Path, re
     return RetrainPlan(parent, start_config, config, inputs_dir, new_train, new_held_out,
                        _lines(parent.run_dir / parent_data.validation_file), replay_file,
                        len(set(_lines(replay_file))) if replay_file else 0, replay)
+
+
+def _check_same_base(parent: VersionRun, parent_run: Run, start_config: RunConfig) -> None:
+    """The child continues the parent's adapter, so it must load the same base model (checked before writing)."""
+    from tunesmith.models import resolve_base_model
+
+    child_base = str(resolve_base_model(start_config.base_model))
+    if child_base != parent_run.base_source:
+        raise TunesmithError(f"base_model {start_config.base_model!r} loads {child_base}, but {parent.reference} was "
+                             f"trained on {parent_run.base_source}; retrain continues the parent's weights, so pass "
+                             f"base_model={parent_run.base_source}")
 
 
 def split_new_rows(path: Path, held_out: float, seed: int) -> tuple[list[str], list[str]]:

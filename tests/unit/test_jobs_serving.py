@@ -67,6 +67,11 @@ def test_upload_train_poll_and_chat_with_the_result_like_openai(server):
     assert job.fine_tuned_model in [model.id for model in client.models.list()]
     reply = client.chat.completions.create(model=job.fine_tuned_model, messages=PROMPT, max_tokens=5)
     assert reply.model == job.fine_tuned_model and reply.usage.completion_tokens > 0
+    last = max(checkpoints, key=lambda c: c.step_number)  # the final checkpoint is the trained adapter itself
+    at_checkpoint = client.chat.completions.create(model=last.fine_tuned_model_checkpoint, messages=PROMPT,
+                                                   max_tokens=5, temperature=0)
+    final = client.chat.completions.create(model=job.fine_tuned_model, messages=PROMPT, max_tokens=5, temperature=0)
+    assert at_checkpoint.choices[0].message.content == final.choices[0].message.content
 
     # Another key sees none of it: not the file, not the job, not the model.
     assert job.fine_tuned_model not in [model.id for model in other.models.list()]

@@ -189,6 +189,8 @@ def test_from_logs_errors_are_one_clear_line(tmp_path):
     assert nothing.exit_code == 2 and "nothing to train on from 1 requests" in nothing.output
     assert "1 not_in_use" in nothing.output
 
+    missing = invoke("data", "from-logs", "orders", "--log-dir", traffic.directory, "--against", tmp_path / "x.jsonl")
+    assert missing.exit_code == 2 and "no such data file or run directory" in missing.output
     bad_use = invoke("data", "from-logs", "orders", "--log-dir", traffic.directory, "--use", "corrections")
     assert bad_use.exit_code == 2 and "choose one or more of corrected, approved, pairs" in bad_use.output
     unknown_versions = invoke("data", "from-logs", "orders", "--since", "30d", "--log-dir", traffic.directory,

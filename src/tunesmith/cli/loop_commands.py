@@ -88,6 +88,9 @@ def _against_files(against: str | None, records: list, scratch: Path) -> list[Pa
         return [Path(against)]
     if against is not None and Path(against).is_dir():
         return version_rows(Path(against), scratch)
+    if against is not None and (Path(against).suffix or against.startswith((".", "/", "~"))):
+        raise TunesmithError(f"--against {against}: no such data file or run directory; give one, a registered "
+                             "version (NAME@VERSION), or none")
     if against is not None:
         return version_rows(version_run(Registry(), against).run_dir, scratch)
     served = sorted({(r.registry_model, r.registry_version) for r in records if r.registry_model and r.registry_version})

@@ -299,12 +299,14 @@ def test_bad_inputs_give_one_clear_line_and_exit_2(tmp_path, case, expected):
     assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
 
 
-def test_the_registry_versions_that_answered_supply_the_reference(tmp_path, monkeypatch):
+def registry_snapshot(tmp_path: Path, monkeypatch) -> tuple[Path, list]:
+    """A stand-in registry whose one version's local copy is a run directory without data/train.jsonl (as
+    Registry.local_copy gives), and the (model, version) pairs it was asked for."""
     from tunesmith.records import Manifest
     from tunesmith.registry import store
     from tunesmith.registry.run import write_manifest
 
-    snapshot = tmp_path / "snapshot"  # what Registry.local_copy gives: a run directory without data/train.jsonl
+    snapshot = tmp_path / "snapshot"
     (snapshot / "data").mkdir(parents=True)
     training_file(tmp_path).rename(snapshot / "data" / "validation.jsonl")
     write_manifest(snapshot / "manifest.json", Manifest.model_validate({
@@ -318,14 +320,42 @@ def test_the_registry_versions_that_answered_supply_the_reference(tmp_path, monk
             return snapshot
 
     monkeypatch.setattr(store, "Registry", OneVersion)
-    log = traffic(tmp_path / "log", shift_from_day=None, days=1, per_day=60, registry_model="orders",
-                  registry_version="3")
+    return snapshot, asked
+
+
+def registry_traffic(tmp_path: Path) -> Path:
+    return traffic(tmp_path / "log", shift_from_day=None, days=1, per_day=60, registry_model="orders",
+                   registry_version="3")
+
+
+def test_the_registry_versions_that_answered_supply_the_reference(tmp_path, monkeypatch):
+    snapshot, asked = registry_snapshot(tmp_path, monkeypatch)
+    log = registry_traffic(tmp_path)
     report = monitor("orders", "7d", "1d", log)
 
     assert asked == [("orders", "3")] and report.reference.source == "registry" and report.reference.answers_json
-    assert report.reference.description == ("orders@3 validation split (300 prompts, held out from the same data: "
-                                            "the registry keeps no training split)")
+    assert report.reference.description.startswith("orders@3 validation split (300 prompts, held out from the same "
+                                                    "data: its training split is neither kept")
     assert report.drift.verdict == "stable" and report.drift.token_unit == "whitespace words"
     (snapshot / "data" / "validation.jsonl").unlink()
     with pytest.raises(TunesmithError, match="orders@3 has no data card .*pass --training-data FILE"):
         monitor("orders", "7d", "1d", log)
+
+
+def test_the_training_split_in_the_run_directory_a_version_came_from_is_the_reference(tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    snapshot, _ = registry_snapshot(tmp_path, monkeypatch)
+    original = tmp_path / "runs" / "orders"  # the run directory it was registered from, still holding its split
+    (original / "data").mkdir(parents=True)
+    training_file(original / "data", rows=500)
+    shutil.copyfile(snapshot / "manifest.json", original / "manifest.json")
+    (snapshot / "config.yaml").write_text(yaml.safe_dump({
+        "name": "orders", "base_model": "org/base", "output_dir": str(tmp_path / "runs"),
+        "data": {"train": str(original / "data" / "train.jsonl")}}))
+    report = monitor("orders", "7d", "1d", registry_traffic(tmp_path))
+
+    assert report.reference.description == "orders@3 train split (500 prompts)"
+    assert report.reference.prompts == 500 and report.reference.answers_json

@@ -178,34 +178,50 @@ def training_reference(name: str, table: RequestTable, training_data: Path | Non
 
     store, examples, described, tokenizer_source = Registry(), [], [], None
     for model, version in sorted(table.versions):
-        run, split = _version_run(store, model, version)
-        found = _read_split(run, split)
+        run, split, found = _version_examples(store, model, version)
         examples += found
         described.append(f"{model}@{version} {split} split ({len(found):,} prompts"
-                         + (", held out from the same data: the registry keeps no training split)"
+                         + (", held out from the same data: its training split is neither kept, nor in the run "
+                            "directory it came from, nor rebuildable from its source files)"
                             if split == "validation" else ")"))
         if tokenizer_source is None and Path(run.base_source).is_dir():
             tokenizer_source = run.base_source
     return examples, _reference("registry", "; ".join(described), examples), tokenizer_source
 
 
-def _version_run(store, model: str, version: str):
-    """The version's run snapshot and which split of its data to use (train, else the validation split)."""
+def _version_examples(store, model: str, version: str) -> tuple:
+    """(the version's run snapshot, the split used, its examples): the training split (kept, in the original run
+    directory, or rebuilt by the data stage), else the validation split."""
+    import shutil
+    import tempfile
+
+    from tunesmith.registry.retrain import training_split
     from tunesmith.registry.run import Run
+    from tunesmith.registry.run_dir import MANIFEST
 
     run = Run.open(store.local_copy(model, version))
+    with tempfile.TemporaryDirectory(prefix="tunesmith-monitor-") as scratch:
+        try:
+            found = training_split(run.directory, Path(scratch) / "data")
+        except TunesmithError:
+            found = None  # neither kept nor rebuildable: the held-out split, from the same data, stands in
+        if found is not None:
+            folder = found.parents[1]  # <run dir>/data/train.jsonl, wherever it was found
+            if folder == Path(scratch):  # rebuilt: lay scratch out as a run directory, as the data readers expect
+                shutil.copyfile(run.directory / MANIFEST, folder / MANIFEST)
+            return run, "train", _read_split(folder, "train", run.data_kind)
     data = run.manifest.data
-    for split, file_name in (("train", data.train_file), ("validation", data.validation_file)):
-        if (run.directory / file_name).is_file():
-            return run, split
-    raise TunesmithError(f"{model}@{version} has no data card (neither {data.train_file} nor {data.validation_file} "
-                         f"in {run.directory}); pass --training-data FILE")
+    if not (run.directory / data.validation_file).is_file():
+        raise TunesmithError(f"{model}@{version} has no data card (neither {data.train_file} nor "
+                             f"{data.validation_file} in {run.directory}, nor a training split to find or rebuild); "
+                             "pass --training-data FILE")
+    return run, "validation", _read_split(run.directory, "validation", run.data_kind)
 
 
-def _read_split(run, split: str) -> list:
+def _read_split(run_dir: Path, split: str, kind: str) -> list:
     from tunesmith.data.prepare import read_preference_split, read_split
 
-    return read_split(run.directory, split) if run.data_kind == "sft" else read_preference_split(run.directory, split)
+    return read_split(run_dir, split) if kind == "sft" else read_preference_split(run_dir, split)
 
 
 def _reference(source: str, description: str, examples: list) -> Reference:

@@ -123,6 +123,14 @@ def make_trained_run(folder: Path, model_dir: Path, name: str, seed: int, steps:
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def two_versions(tmp_path_factory, tiny_model_dir) -> list[Path]:
+    """Two tiny fine-tuned versions of one base, `alpha` and `beta`, trained once for every module serving them."""
+    root = tmp_path_factory.mktemp("two-versions")
+    return [make_trained_run(root / name, tiny_model_dir, name, seed, steps=6)
+            for name, seed in (("alpha", 1), ("beta", 2))]
+
+
 @pytest.fixture(scope="module")
 def server_url(engine):
     """The test module's `engine` fixture behind the OpenAI-compatible app on a loopback port."""

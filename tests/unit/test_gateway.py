@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from conftest import make_trained_run, serving_on_loopback
+from conftest import serving_on_loopback
 
 from tunesmith.config import RouteConfig
 from tunesmith.request_log import RequestLogWriter, read_request_log
@@ -30,10 +30,8 @@ PROMPT = [{"role": "user", "content": "Send 3 blue mug to Denver (ref 7)"}]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("gateway-versions")
-    return [make_trained_run(root / name, tiny_model_dir, name, seed, steps=6)
-            for name, seed in (("alpha", 1), ("beta", 2))]
+def runs(two_versions):
+    return two_versions
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import time
 import httpx
 import jsonschema
 import pytest
-from conftest import make_trained_run, serving_on_loopback
+from conftest import serving_on_loopback
 
 from tunesmith.serve.app import build_app
 from tunesmith.serve.engine import ServingEngine
@@ -27,10 +27,8 @@ SCHEMA = {"type": "object", "properties": {"item": {"enum": ["mug", "hat"]}, "qu
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("two-versions")
-    return [make_trained_run(root / name, tiny_model_dir, name, seed, steps=6)
-            for name, seed in (("alpha", 1), ("beta", 2))]
+def runs(two_versions):
+    return two_versions
 
 
 @pytest.fixture(scope="module")

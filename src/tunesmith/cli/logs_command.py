@@ -8,11 +8,9 @@ holds nothing else, chat turns (which the data stage reads the same way) otherwi
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
@@ -66,9 +64,10 @@ def export_training_data(records: Iterable, out: Path, include_failed: bool = Fa
                          log_dir: Path | None = None) -> ExportCounts:
     """Write the trainable records to `out` (atomically) in the data stage's format; what was written and skipped."""
     from tunesmith.errors import TunesmithError
+    from tunesmith.registry.run_dir import staged_text_file
 
     counts = ExportCounts()
-    with _staged_file(Path(out)) as chat_rows, tempfile.TemporaryFile("w+", encoding="utf-8") as completion_rows:
+    with staged_text_file(Path(out)) as chat_rows, tempfile.TemporaryFile("w+", encoding="utf-8") as completion_rows:
         for record in records:
             row, reason = _checked_row(record, include_failed, include_shadow)
             if reason:
@@ -135,25 +134,6 @@ def _skipped_text(skipped: Counter) -> str:
         return ""
     reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.most_common())
     return f"; skipped {sum(skipped.values())}: {reasons}"
-
-
-@contextmanager
-def _staged_file(path: Path):
-    """A text file written beside `path` and renamed over it only when the block succeeds."""
-    from tunesmith.registry.run_dir import apply_umask
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        apply_umask(Path(tmp), directory=False)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @logs_app.command()

@@ -212,6 +212,51 @@ def test_fail_on_sets_the_exit_code(tmp_path, shift, extra, code):
         assert "server_error_rate 1 (limit 0.05)" in result.output
 
 
+ORDER_SCHEMA = {"type": "object", "required": ["item", "quantity"],
+                "properties": {"item": {"type": "string"}, "quantity": {"type": "integer", "minimum": 1}}}
+ORDER_PATTERN = r'\{"item": "\w+", "quantity": \d+\}'
+
+
+def test_answers_are_checked_against_a_json_schema_and_a_regex_in_every_output(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    day = DAY_ONE + timedelta(hours=1)
+    answers = ['{"item": "mug", "quantity": 2}'] * 30 + ['{"item": "mug", "quantity": 0}'] * 5 + ["2 mugs"] * 5
+    records = [chat_record(n, day, "a", answers=[answer]) for n, answer in enumerate(answers)]
+    records.append(chat_record(99, day, "b", answers=[], status=500, error="engine failed"))
+    log = write_log(tmp_path / "log", records)
+    schema = tmp_path / "order.schema.json"
+    schema.write_text(json.dumps(ORDER_SCHEMA))
+    html, report_json, prom = tmp_path / "r.html", tmp_path / "r.json", tmp_path / "r.prom"
+    result = invoke(["orders", "--log-dir", str(log), "--training-data", str(training_file(tmp_path)),
+                     "--json-schema", str(schema), "--regex", ORDER_PATTERN, "--max-error-rate", "1",
+                     "--min-regex-match", "0.8", "--fail-on", "quality",
+                     "--html", str(html), "--json", str(report_json), "--prom", str(prom)])
+
+    assert result.exit_code == 1, result.output  # 75% schema-valid, under the 0.95 default
+    report = MonitorReport.model_validate_json(report_json.read_text())
+    overall = next(r for r in report.quality if r.window is None)
+    assert (overall.schema_valid_rate, overall.regex_match_rate, overall.format_checked) == (0.75, 0.875, 40)
+    assert all(r.schema_valid_rate == 0.75 for r in report.quality)  # one window: the same figures per window
+    assert [(c.check, c.passed) for c in report.checks if c.check in ("schema_valid_rate", "regex_match_rate")] == [
+        ("schema_valid_rate", False), ("regex_match_rate", True)]
+    assert "schema_valid_rate 0.75 (limit 0.95)" in result.output and "schema valid" in result.output
+    assert "87.5%" in result.output and report.json_schema == str(schema) and report.regex == ORDER_PATTERN
+    assert "<th>schema valid</th><th>regex match</th>" in html.read_text() and "75.0%" in html.read_text()
+    samples = {s.name: s.value for family in text_string_to_metric_families(prom.read_text())
+               for s in family.samples}
+    assert samples["tunesmith_monitor_schema_valid_rate"] == 0.75
+    assert samples["tunesmith_monitor_regex_match_rate"] == 0.875
+
+
+def test_without_a_schema_or_regex_there_are_no_format_figures_or_columns(tmp_path):
+    log = write_log(tmp_path / "log", [chat_record(1, DAY_ONE + timedelta(hours=1), "a")])
+    result = invoke(["orders", "--log-dir", str(log), "--training-data", str(training_file(tmp_path))])
+
+    assert result.exit_code == 0, result.output
+    assert "schema valid" not in result.output and "regex match" not in result.output
+
+
 def test_a_tokenizer_folder_counts_the_prompt_tokens(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -250,6 +295,7 @@ def test_the_threshold_options_name_the_defaults_thresholds_applies():
     option_of = {"psi": "psi", "domain_auc": "auc", "max_server_error_rate": "max_error_rate",
                  "max_empty_rate": "max_empty_rate", "max_refusal_rate": "max_refusal_rate",
                  "min_json_valid_rate": "min_json_valid", "max_negative_feedback_rate": "max_negative_rate",
+                 "min_schema_valid_rate": "min_schema_valid", "min_regex_match_rate": "min_regex_match",
                  "min_requests": "min_requests"}
     for field, parameter in option_of.items():
         help_text = hints[parameter].__metadata__[0].help
@@ -276,10 +322,18 @@ def bad_log_line(folder: Path) -> Path:
     ("bad fail-on", "--fail-on speed: use drift or quality"),
     ("no log", "no request log in"),
     ("bad tokenizer", "--tokenizer"),
+    ("schema not JSON", "schema.json: not JSON"),
+    ("schema not valid", "schema.json: not a valid JSON Schema at properties/item/type"),
+    ("bad regex", "--regex '(unclosed': not a valid regular expression"),
 ])
 def test_bad_inputs_give_one_clear_line_and_exit_2(tmp_path, case, expected):
     log = tmp_path / "log"
     training = ["--training-data", str(training_file(tmp_path))]
+
+    def schema(text: str) -> Path:
+        path = tmp_path / "schema.json"
+        path.write_text(text)
+        return path
     args = {"empty window": lambda: ["orders", "--since", "2099-01-01"] + training,
             "unknown model": lambda: ["nope"] + training,
             "corrupt line": lambda: ["orders"] + training,
@@ -288,7 +342,11 @@ def test_bad_inputs_give_one_clear_line_and_exit_2(tmp_path, case, expected):
             "bad window": lambda: ["orders", "--window", "weekly"] + training,
             "bad fail-on": lambda: ["orders", "--fail-on", "speed"] + training,
             "no log": lambda: ["orders"] + training,
-            "bad tokenizer": lambda: ["orders", "--tokenizer", str(tmp_path / "no-model")] + training}[case]()
+            "bad tokenizer": lambda: ["orders", "--tokenizer", str(tmp_path / "no-model")] + training,
+            "schema not JSON": lambda: ["orders", "--json-schema", str(schema("{not json"))] + training,
+            "schema not valid": lambda: ["orders", "--json-schema", str(schema(json.dumps(
+                {"properties": {"item": {"type": "text"}}})))] + training,
+            "bad regex": lambda: ["orders", "--regex", "(unclosed"] + training}[case]()
     if case == "corrupt line":
         bad_log_line(log)
     elif case != "no log":

@@ -31,6 +31,11 @@ def monitor_command(
     tokenizer: Annotated[Optional[Path], typer.Option(
         help="Model folder whose tokenizer counts prompt tokens (default: the registry version's base model, "
              "else whitespace words).")] = None,
+    json_schema: Annotated[Optional[Path], typer.Option(
+        "--json-schema", help="JSON Schema file every answer must parse as and validate against (adds "
+                              "schema_valid_rate).")] = None,
+    regex: Annotated[Optional[str], typer.Option(
+        help="Pattern every answer must match in full, Python re syntax (adds regex_match_rate).")] = None,
     html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML report.")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON.")] = None,
     prom: Annotated[Optional[Path], typer.Option(
@@ -45,6 +50,9 @@ def monitor_command(
     max_empty_rate: Annotated[Limit, typer.Option(help="Highest share of empty answers (0.05).")] = None,
     max_refusal_rate: Annotated[Limit, typer.Option(help="Highest share of refusals (0.10).")] = None,
     min_json_valid: Annotated[Limit, typer.Option(help="Lowest share of checked answers that are JSON (0.95).")] = None,
+    min_schema_valid: Annotated[Limit, typer.Option(
+        help="Lowest share of answers valid against --json-schema (0.95).")] = None,
+    min_regex_match: Annotated[Limit, typer.Option(help="Lowest share of answers --regex matches (0.95).")] = None,
     max_p95_latency: Annotated[Limit, typer.Option(help="Highest p95 latency in seconds (default: unchecked).")] = None,
     max_negative_rate: Annotated[Limit, typer.Option(help="Highest share of negative feedback (0.25).")] = None,
     min_requests: Annotated[Optional[int], typer.Option(
@@ -66,11 +74,13 @@ def monitor_command(
 
         given = {"psi": psi, "domain_auc": auc, "max_server_error_rate": max_error_rate,
                  "max_empty_rate": max_empty_rate, "max_refusal_rate": max_refusal_rate,
-                 "min_json_valid_rate": min_json_valid, "max_latency_p95": max_p95_latency,
+                 "min_json_valid_rate": min_json_valid, "min_schema_valid_rate": min_schema_valid,
+                 "min_regex_match_rate": min_regex_match, "max_latency_p95": max_p95_latency,
                  "max_negative_feedback_rate": max_negative_rate, "min_requests": min_requests}
         thresholds = Thresholds(**{key: value for key, value in given.items() if value is not None})
         with console.status("reading the request log and comparing it with the training data"):
-            report = monitor(name, since, window, log_dir, training_data, thresholds, classifier_prompts, tokenizer)
+            report = monitor(name, since, window, log_dir, training_data, thresholds, classifier_prompts, tokenizer,
+                             json_schema=json_schema, regex=regex)
         print_summary(report, console)
         for path, write in ((json_path, write_json), (html, write_html), (prom, write_prometheus)):
             if path is not None:

@@ -7,14 +7,17 @@ requests cost a few arrays, not 100k pydantic records.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field, computed_field
 
+from tunesmith.errors import TunesmithError
 from tunesmith.monitor.drift import last_user_text
 from tunesmith.records import FeedbackRecord, RequestLogRecord
 
@@ -22,6 +25,8 @@ REFUSAL_PHRASES = ("i can't help", "i cannot help", "i can't assist", "i cannot 
                    "i am sorry, but", "i'm unable to", "i am unable to", "i won't be able to", "as an ai",
                    "i can't comply", "i cannot comply", "i must decline")
 """An answer containing one of these (lower-cased) counts as a refusal."""
+FORMAT_CHECKS = ("schema_valid", "regex_match")
+"""`AnswerFormat` checks; each is a quality column `<name>_rate`."""
 
 
 @dataclass
@@ -85,9 +90,76 @@ class QualityRow(BaseModel):
     json_valid_rate: float | None
     """Share of checked answers that parse as JSON: logged `json_valid`, else parsed when training answers are JSON."""
     json_checked: int
+    schema_valid_rate: float | None = None
+    """Share of kept answers that parse as JSON and validate against `--json-schema` (None: no schema given)."""
+    regex_match_rate: float | None = None
+    """Share of kept answers that `--regex` fully matches (None: no pattern given)."""
+    format_checked: int = 0
+    """Kept answers checked against `--json-schema` and `--regex`."""
     latency_p50: float | None
     latency_p95: float | None
     ttft_p50: float | None
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """What every answer must look like beyond valid JSON: a JSON schema to validate against, a pattern to match."""
+
+    schema_valid: Callable[[str], bool] | None = None
+    regex_match: Callable[[str], bool] | None = None
+
+    @property
+    def checks(self) -> dict[str, Callable[[str], bool]]:
+        """Column name -> the check, for the checks given."""
+        return {name: check for name, check in zip(FORMAT_CHECKS, (self.schema_valid, self.regex_match))
+                if check is not None}
+
+
+def answer_format(json_schema: Path | None = None, regex: str | None = None) -> AnswerFormat:
+    """`--json-schema FILE` and `--regex PATTERN` as checks of an answer; a bad schema or pattern is a user error."""
+    return AnswerFormat(_schema_check(Path(json_schema)) if json_schema is not None else None,
+                        _regex_check(regex) if regex is not None else None)
+
+
+def _schema_check(path: Path) -> Callable[[str], bool]:
+    from jsonschema.exceptions import SchemaError
+    from jsonschema.validators import validator_for
+
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise TunesmithError(f"--json-schema {path}: cannot read it ({exc.strerror or exc}); give a JSON Schema "
+                             "file") from None
+    except ValueError as exc:
+        raise TunesmithError(f"--json-schema {path}: not JSON ({exc}); give a JSON Schema file") from None
+    if not isinstance(schema, (dict, bool)):
+        raise TunesmithError(f"--json-schema {path}: not a JSON Schema (an object, or true/false); give a JSON "
+                             "Schema file")
+    validator_type = validator_for(schema)
+    try:
+        validator_type.check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(map(str, exc.path)) or "the top level"
+        raise TunesmithError(f"--json-schema {path}: not a valid JSON Schema at {where} ({exc.message}); fix the "
+                             "schema") from None
+    validator = validator_type(schema, format_checker=validator_type.FORMAT_CHECKER)
+
+    def schema_valid(answer: str) -> bool:
+        try:
+            return validator.is_valid(json.loads(answer))
+        except ValueError:
+            return False
+
+    return schema_valid
+
+
+def _regex_check(pattern: str) -> Callable[[str], bool]:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise TunesmithError(f"--regex {pattern!r}: not a valid regular expression ({exc}); fix the pattern "
+                             "(Python re syntax)") from None
+    return lambda answer: compiled.fullmatch(answer) is not None
 
 
 def is_refusal(answer: str) -> bool:
@@ -103,12 +175,13 @@ def parses_as_json(text: str) -> bool:
         return False
 
 
-def quality_rows(table: RequestTable, windows: np.ndarray, starts: list[str], parse_json: bool) -> list[QualityRow]:
+def quality_rows(table: RequestTable, windows: np.ndarray, starts: list[str], parse_json: bool,
+                 answers_must: AnswerFormat = AnswerFormat()) -> list[QualityRow]:
     """Per arm over the whole period (window None), then per window and arm; `windows[i]`: request i's window."""
     status = np.asarray(table.status)
     columns = {"status": status, "latency": np.asarray(table.latency, dtype=float),
                "ttft": np.asarray(table.ttft, dtype=float), "stopped": np.asarray(table.stopped, dtype=bool),
-               "answered": status == 200, **_answer_columns(table, parse_json)}
+               "answered": status == 200, **_answer_columns(table, parse_json, answers_must)}
     arms = np.asarray(table.arms, dtype=object)
     rows = [_row(None, arm, columns, arms == arm) for arm in sorted(set(table.arms))]
     for number, start in enumerate(starts):
@@ -117,11 +190,12 @@ def quality_rows(table: RequestTable, windows: np.ndarray, starts: list[str], pa
     return rows
 
 
-def _answer_columns(table: RequestTable, parse_json: bool) -> dict[str, np.ndarray]:
-    """Per request: answer kept, its length, empty, refusal, JSON checked and JSON valid."""
+def _answer_columns(table: RequestTable, parse_json: bool, answers_must: AnswerFormat) -> dict[str, np.ndarray]:
+    """Per request: answer kept, its length, empty, refusal, JSON checked and JSON valid, and each format check."""
     size = len(table)
     kept, chars, empty, refusal = (np.zeros(size, bool), np.zeros(size), np.zeros(size, bool), np.zeros(size, bool))
     json_checked, json_valid = np.zeros(size, bool), np.zeros(size, bool)
+    formats = {name: (check, np.zeros(size, bool)) for name, check in answers_must.checks.items()}
     for i, (answer, logged) in enumerate(zip(table.answers, table.json_logged)):
         if logged is not None:
             json_checked[i], json_valid[i] = True, logged
@@ -130,8 +204,10 @@ def _answer_columns(table: RequestTable, parse_json: bool) -> dict[str, np.ndarr
         kept[i], chars[i], empty[i], refusal[i] = True, len(answer), not answer.strip(), is_refusal(answer)
         if logged is None and parse_json:
             json_checked[i], json_valid[i] = True, parses_as_json(answer)
+        for check, passed in formats.values():
+            passed[i] = check(answer)
     return {"kept": kept, "chars": chars, "empty": empty, "refusal": refusal, "json_checked": json_checked,
-            "json_valid": json_valid}
+            "json_valid": json_valid, **{name: passed for name, (_, passed) in formats.items()}}
 
 
 def _row(window: str | None, arm: str, columns: dict[str, np.ndarray], mask: np.ndarray) -> QualityRow:
@@ -147,6 +223,8 @@ def _row(window: str | None, arm: str, columns: dict[str, np.ndarray], mask: np.
         answer_chars=_mean(columns["chars"][mask][kept]), empty_rate=_share(columns["empty"][mask][kept]),
         refusal_rate=_share(columns["refusal"][mask][kept]),
         json_valid_rate=_share(columns["json_valid"][mask][json_checked]), json_checked=int(json_checked.sum()),
+        **{f"{name}_rate": _share(columns[name][mask][kept]) for name in FORMAT_CHECKS if name in columns},
+        format_checked=int(kept.sum()) if any(name in columns for name in FORMAT_CHECKS) else 0,
         latency_p50=_percentile(latency, 50), latency_p95=_percentile(latency, 95), ttft_p50=_percentile(ttft, 50))
 
 

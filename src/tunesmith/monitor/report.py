@@ -23,6 +23,8 @@ QUALITY_GAUGES = (
     ("empty_rate", "empty_rate", "Share of empty answers."),
     ("refusal_rate", "refusal_rate", "Share of answers that refuse."),
     ("json_valid_rate", "json_valid_rate", "Share of checked answers that parse as JSON."),
+    ("schema_valid_rate", "schema_valid_rate", "Share of answers that validate against the --json-schema."),
+    ("regex_match_rate", "regex_match_rate", "Share of answers that the --regex fully matches."),
     ("latency_p50_seconds", "latency_p50", "Median latency of answered requests."),
     ("latency_p95_seconds", "latency_p95", "95th percentile latency of answered requests."),
     ("ttft_p50_seconds", "ttft_p50", "Median time to first token of streamed answers."),
@@ -31,8 +33,11 @@ QUALITY_COLUMNS = (("requests", "requests", "{:,}"), ("5xx", "server_error_rate"
                    ("4xx", "client_error_rate", "{:.1%}"), ("stop", "stop_rate", "{:.1%}"),
                    ("chars", "answer_chars", "{:,.0f}"), ("empty", "empty_rate", "{:.1%}"),
                    ("refusal", "refusal_rate", "{:.1%}"), ("JSON valid", "json_valid_rate", "{:.1%}"),
+                   ("schema valid", "schema_valid_rate", "{:.1%}"), ("regex match", "regex_match_rate", "{:.1%}"),
                    ("p50 s", "latency_p50", "{:.2f}"), ("p95 s", "latency_p95", "{:.2f}"),
                    ("TTFT p50 s", "ttft_p50", "{:.2f}"))
+FORMAT_COLUMNS = ("schema_valid_rate", "regex_match_rate")
+"""Shown only when `--json-schema` or `--regex` checked them."""
 
 
 # --- terminal ---------------------------------------------------------------------------------------------------
@@ -48,6 +53,8 @@ def print_summary(report: MonitorReport, console) -> None:
     line(f"monitor {report.model}: {report.requests:,} requests from {report.first_request} to "
          f"{report.last_request} (windows of {report.window}); log {report.log_dir}", "bold")
     line(f"reference: {report.reference.description}")
+    if _format_text(report):
+        line(_format_text(report))
     drift = report.drift
     line(drift.summary, VERDICT_STYLES[drift.verdict])
     if drift.drift_starts:
@@ -98,10 +105,24 @@ def _drift_start_text(report: MonitorReport) -> str:
             "shorter span judges the recent traffic alone")
 
 
+def _format_text(report: MonitorReport) -> str:
+    """What answers were checked against beyond JSON, or "" when nothing was."""
+    given = ([f"the JSON Schema {report.json_schema}"] if report.json_schema else []) + (
+        [f"the pattern {report.regex!r} (full match)"] if report.regex is not None else [])
+    return "answers checked against " + " and ".join(given) if given else ""
+
+
+def _quality_columns(rows) -> list[tuple[str, str, str]]:
+    """The quality columns, less the format checks no row has a figure for."""
+    return [column for column in QUALITY_COLUMNS
+            if column[1] not in FORMAT_COLUMNS or any(getattr(row, column[1]) is not None for row in rows)]
+
+
 def _quality_table(table_type, rows, title: str):
-    table = table_type("window", "arm", *(label for label, _, _ in QUALITY_COLUMNS), title=title)
+    columns = _quality_columns(rows)
+    table = table_type("window", "arm", *(label for label, _, _ in columns), title=title)
     for row in rows:
-        cells = [_figure(getattr(row, key), shape) for _, key, shape in QUALITY_COLUMNS]
+        cells = [_figure(getattr(row, key), shape) for _, key, shape in columns]
         table.add_row(row.window or "all", row.arm, *cells)
     return table
 
@@ -198,7 +219,8 @@ def render_html(report: MonitorReport) -> str:
     drift, e = report.drift, html.escape
     parts = [f"<h1>tunesmith monitor: {e(report.model)}</h1>",
              f"<p>{report.requests:,} requests from {e(report.first_request)} to {e(report.last_request)}, windows "
-             f"of {e(report.window)}; log {e(report.log_dir)}<br>reference: {e(report.reference.description)}</p>",
+             f"of {e(report.window)}; log {e(report.log_dir)}<br>reference: {e(report.reference.description)}"
+             + (f"<br>{e(_format_text(report))}" if _format_text(report) else "") + "</p>",
              f"<p class='{drift.verdict}'><b>{e(drift.summary)}</b>"
              + (f"<br>{e(_drift_start_text(report))}" if drift.drift_starts else "")
              + "".join(f"<br><i>{e(note)}</i>" for note in drift.notes) + "</p>"]
@@ -250,9 +272,10 @@ def _html_table(header, rows) -> str:
 
 
 def _quality_html(rows) -> str:
-    return _html_table(("window", "arm", *(label for label, _, _ in QUALITY_COLUMNS)),
-                       [(r.window or "all", r.arm, *(_figure(getattr(r, key), shape) for _, key, shape in
-                                                      QUALITY_COLUMNS)) for r in rows])
+    columns = _quality_columns(rows)
+    return _html_table(("window", "arm", *(label for label, _, _ in columns)),
+                       [(r.window or "all", r.arm, *(_figure(getattr(r, key), shape) for _, key, shape in columns))
+                        for r in rows])
 
 
 def _side_by_side(left, right) -> list[tuple]:

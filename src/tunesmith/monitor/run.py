@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field
 
 from tunesmith.errors import TunesmithError
 from tunesmith.monitor.drift import InputDrift, input_drift, whitespace_tokens
-from tunesmith.monitor.quality import (FeedbackSummary, QualityRow, RequestTable, feedback_summary, parses_as_json,
-                                       quality_rows)
+from tunesmith.monitor.quality import (FeedbackSummary, QualityRow, RequestTable, answer_format, feedback_summary,
+                                       parses_as_json, quality_rows)
 
 MONITOR_REPORT_VERSION = 1
 """1: the first monitoring report layout."""
@@ -42,6 +42,10 @@ class Thresholds(BaseModel):
     max_refusal_rate: float = 0.10
     min_json_valid_rate: float = 0.95
     """Judged only where answers were checked (JSON asked for, or JSON training answers)."""
+    min_schema_valid_rate: float = 0.95
+    """Judged only with `--json-schema`."""
+    min_regex_match_rate: float = 0.95
+    """Judged only with `--regex`."""
     max_latency_p95: float | None = None
     """Seconds; not judged unless set."""
     max_negative_feedback_rate: float = 0.25
@@ -81,6 +85,10 @@ class MonitorReport(BaseModel):
     last_request: str
     requests: int
     reference: Reference
+    json_schema: str | None = None
+    """The `--json-schema` file answers were validated against."""
+    regex: str | None = None
+    """The `--regex` pattern answers had to match in full."""
     drift: InputDrift
     quality: list[QualityRow]
     """Per arm over the whole period (`window` null) first, then per window and arm."""
@@ -99,16 +107,18 @@ class MonitorReport(BaseModel):
 
 def monitor(name: str, since: str | None = "7d", window: str = "1d", log_dir: Path | None = None,
             training_data: Path | None = None, thresholds: Thresholds | None = None,
-            max_classifier_prompts: int = 5000, tokenizer: Path | None = None,
-            now: datetime | None = None) -> MonitorReport:
+            max_classifier_prompts: int = 5000, tokenizer: Path | None = None, now: datetime | None = None,
+            json_schema: Path | None = None, regex: str | None = None) -> MonitorReport:
     """Drift, quality and feedback of `name` (a public, served or registry name in the log) since `since`; tokens
-    are counted with `tokenizer` (a model folder), else the registry version's base model, else whitespace words."""
+    are counted with `tokenizer` (a model folder), else the registry version's base model, else whitespace words.
+    Answers are also checked against `json_schema` (a JSON Schema file) and `regex` (a full match) when given."""
     from tunesmith.request_log import default_request_log_dir, parse_since, read_feedback
 
     thresholds = thresholds or Thresholds()
     log_dir = Path(log_dir or default_request_log_dir())
     start = parse_since(since, now) if since else None
     step = parse_window(window)
+    answers_must = answer_format(json_schema, regex)
     table, logged_ids = read_requests(log_dir, name, start)
     examples, reference, tokenizer_source = training_reference(name, table, training_data)
     windows, starts = window_numbers(np.asarray(table.times), step)
@@ -117,13 +127,14 @@ def monitor(name: str, since: str | None = "7d", window: str = "1d", log_dir: Pa
     drift = input_drift([_training_prompt(example) for example in examples],
                         [table.prompts[i] for i in with_prompt], windows[with_prompt], starts, tokenize, token_unit,
                         thresholds.psi, thresholds.domain_auc, thresholds.alpha, max_classifier_prompts)
-    quality = quality_rows(table, windows, starts, reference.answers_json)
+    quality = quality_rows(table, windows, starts, reference.answers_json, answers_must)
     feedback = feedback_summary(read_feedback(log_dir, start), table, logged_ids)
     return MonitorReport(
         model=name, log_dir=str(log_dir), since=start.isoformat() if start else None, window=window,
         generated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         first_request=_iso(min(table.times)), last_request=_iso(max(table.times)), requests=len(table),
-        reference=reference, drift=drift, quality=quality, feedback=feedback,
+        reference=reference, json_schema=str(json_schema) if json_schema is not None else None, regex=regex,
+        drift=drift, quality=quality, feedback=feedback,
         checks=quality_checks(quality, feedback, thresholds), thresholds=thresholds)
 
 
@@ -303,8 +314,12 @@ def quality_checks(quality: list[QualityRow], feedback: FeedbackSummary, limits:
                        ("server_error_rate", row.server_error_rate, limits.max_server_error_rate, _at_most),
                        ("empty_rate", row.empty_rate, limits.max_empty_rate, _at_most),
                        ("refusal_rate", row.refusal_rate, limits.max_refusal_rate, _at_most),
-                       ("json_valid_rate", row.json_valid_rate if row.json_checked >= limits.min_requests else None,
+                       ("json_valid_rate", _judged(row.json_valid_rate, row.json_checked, limits),
                         limits.min_json_valid_rate, _at_least),
+                       ("schema_valid_rate", _judged(row.schema_valid_rate, row.format_checked, limits),
+                        limits.min_schema_valid_rate, _at_least),
+                       ("regex_match_rate", _judged(row.regex_match_rate, row.format_checked, limits),
+                        limits.min_regex_match_rate, _at_least),
                        ("latency_p95", row.latency_p95, limits.max_latency_p95, _at_most))
                    if value is not None and limit is not None]
     for row in feedback.arms:
@@ -313,6 +328,11 @@ def quality_checks(quality: list[QualityRow], feedback: FeedbackSummary, limits:
                                 threshold=limits.max_negative_feedback_rate,
                                 passed=row.negative_rate <= limits.max_negative_feedback_rate))
     return checks
+
+
+def _judged(value: float | None, checked: int, limits: Thresholds) -> float | None:
+    """A share of checked answers, or None when too few were checked to judge it."""
+    return value if checked >= limits.min_requests else None
 
 
 def _at_most(value: float, limit: float) -> bool:

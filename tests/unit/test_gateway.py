@@ -216,6 +216,8 @@ def test_a_canary_that_breaks_json_is_rolled_back_within_its_window(engine, tmp_
     assert "not valid JSON" in events[0]["reason"]
     assert 'tunesmith:canary_share{arm="beta",route="orders"} 0.0' in metrics
     assert 'tunesmith:canary_rollbacks_total{arm="beta",route="orders"} 1.0' in metrics
+    restarted = Gateway(engine, None, TrafficRouter(routes), RequestLogWriter(tmp_path / "log"))
+    assert restarted.router.canary_shares() == {("orders", "beta"): 0.0}  # a restart does not retry a rolled-back canary
 
 
 def test_the_request_log_survives_a_sigkill_with_every_answered_request(runs, tmp_path):

@@ -113,3 +113,15 @@ def test_canary_decisions_follow_its_share_and_changes_reach_the_listener():
     router.report(candidate, Outcome(error=True, latency_s=1.0))
     assert heard == [("r", "cand", "rollback")] and router.canary_shares() == {("r", "cand"): 0.0}
     assert {router.decide("r", None, None).arm for _ in range(200)} == {"prod"}
+
+
+def test_a_restart_resumes_the_recorded_canary_unless_its_candidate_changed():
+    route = RouteConfig(primary="prod", canary="cand", canary_policy=CanaryConfig(steps=[5, 25, 100], window=3))
+    events = [{"route": "r", "arm": "cand", "version": "orders@2", "kind": "step", "share": 25.0}]
+    resumed = TrafficRouter({"r": route})
+    assert resumed.resume(events, lambda arm: "orders@2") and resumed.canary_shares() == {("r", "cand"): 25.0}
+    moved = TrafficRouter({"r": route})  # the candidate alias now names another version: a fresh canary
+    assert moved.resume(events, lambda arm: "orders@3") == [] and moved.canary_shares() == {("r", "cand"): 5.0}
+    rolled_back = TrafficRouter({"r": route})
+    rolled_back.resume(events + [{**events[0], "kind": "rollback", "share": 0.0}], lambda arm: "orders@2")
+    assert rolled_back.canary_shares() == {("r", "cand"): 0.0}

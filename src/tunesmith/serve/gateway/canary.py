@@ -49,6 +49,16 @@ class CanaryController:
         self.production: deque[Outcome] = deque(maxlen=max(policy.window * PRODUCTION_MEMORY, 200))
         self.candidate: list[Outcome] = []
 
+    def resume(self, kind: str, share: float) -> None:
+        """Carry on where an earlier server left off: rolled back, complete, or at the step of `share`."""
+        if kind == "rollback":
+            self.state = "rolled_back"
+        elif kind == "complete":
+            self.state, self.step = "complete", len(self.policy.steps) - 1
+        elif kind == "step" and share in self.policy.steps:
+            self.state, self.step = "running", self.policy.steps.index(share)
+        self.candidate = []
+
     @property
     def share(self) -> float:
         if self.state == "rolled_back":

@@ -45,6 +45,9 @@ class Gateway:
         self.router = router or TrafficRouter({})
         self.router.on_change = self._canary_changed
         self.router.check_served(engine.list_models())
+        if request_log is not None:
+            for line in self.router.resume(_route_events(Path(request_log.directory)), self._version_label):
+                print(line, flush=True)
         self.metrics = ServingMetrics(lambda: _by_served_name(engine, 'running'), lambda: _by_served_name(engine, 'waiting'))
         for (route, arm), share in self.router.canary_shares().items():
             self.metrics.canary_share(route, arm, share)
@@ -147,6 +150,11 @@ class Gateway:
         if self.request_log is not None:
             self.request_log.close()
 
+    def _version_label(self, served: str) -> str | None:
+        """`model@version` behind a served name (what a recorded canary judged), None outside the registry."""
+        model, version = self.version_of(served)
+        return f"{model}@{version}" if model else None
+
     def version_of(self, served: str) -> tuple[str | None, str | None]:
         version_of = getattr(self.engine, "served_version", None)
         return version_of(served) if version_of else (None, None)
@@ -170,7 +178,8 @@ class Gateway:
         if change.kind == "rollback":
             self.metrics.canary_rolled_back(route, arm)
         event = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "route": route, "arm": arm,
-                 "kind": change.kind, "share": change.share, "reason": change.reason, "evidence": change.evidence}
+                 "version": self._version_label(arm), "kind": change.kind, "share": change.share,
+                 "reason": change.reason, "evidence": change.evidence}
         print(f"route {route}: canary {arm} {change.kind}: {change.reason}", flush=True)
         if self.request_log is not None:
             with self._events_lock, open(Path(self.request_log.directory) / ROUTE_EVENTS_FILE, "a",
@@ -178,6 +187,20 @@ class Gateway:
                 out.write(json.dumps(event) + "\n")
                 out.flush()
                 os.fsync(out.fileno())
+
+
+def _route_events(directory: Path) -> list[dict]:
+    """The recorded canary changes, oldest first (a line cut by a crash is skipped)."""
+    path = directory / ROUTE_EVENTS_FILE
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
 
 
 def _owner_in_log(directory: Path, completion_id: str):

@@ -40,6 +40,21 @@ class TrafficRouter:
         self.on_change = on_change
         self._lock = threading.Lock()
 
+    def resume(self, events: list[dict], version_of: Callable[[str], str | None]) -> list[str]:
+        """Replay recorded canary changes (oldest first) whose route, candidate and candidate version are still the
+        ones configured, so a restart neither forgets a rollback nor starts a healthy canary over; what resumed."""
+        resumed = {}
+        for event in events:
+            route = self.routes.get(event.get("route"))
+            if (route is None or event.get("arm") != route.canary
+                    or event.get("version") != version_of(route.canary)):
+                continue  # another route, candidate or version now: its canary starts fresh
+            with self._lock:
+                self.canaries[event["route"]].resume(event.get("kind"), event.get("share"))
+            resumed[event["route"]] = f"route {event['route']}: canary {route.canary} resumed ({event.get('kind')}, " \
+                                      f"{self.canaries[event['route']].share:g}% of traffic)"
+        return list(resumed.values())
+
     def check_served(self, served: list[str]) -> None:
         """Every arm must be served and no route may take a served name."""
         for name, route in self.routes.items():

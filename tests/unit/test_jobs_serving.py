@@ -82,3 +82,13 @@ def test_upload_train_poll_and_chat_with_the_result_like_openai(server):
     with pytest.raises(openai.NotFoundError):
         other.files.retrieve(training.id)
     assert list(other.fine_tuning.jobs.list()) == []
+
+
+def test_a_second_server_on_one_home_serves_chat_and_leaves_the_job_queue_to_the_first(capsys):
+    first = fine_tuning_api(JobsConfig())(None, None)  # a fresh home: no earlier models to load
+    try:
+        second = fine_tuning_api(JobsConfig())(None, None)
+        assert first.routers and second.routers == []
+        assert "Fine-tuning API off in this server" in capsys.readouterr().out
+    finally:
+        first.stop()

@@ -59,12 +59,17 @@ def fine_tuning_api(settings):
 
         store = JobStore()
         service = JobsService(store, settings, on_model_ready=serve)
+        try:
+            service.start()
+        except TunesmithError as exc:  # a second server on this home: it serves chat, the first one runs jobs
+            store.close()
+            print(f"Fine-tuning API off in this server: {exc}", flush=True)
+            return ServerExtension()
         for ready in service.models_ready():  # what earlier jobs made, before the server answers
             try:
                 serve(ready)
             except TunesmithError as exc:
                 print(f"  {ready.name}: not served ({exc})", flush=True)
-        service.start()
 
         def stop() -> None:
             service.stop()

@@ -288,12 +288,12 @@ def _matching(records: Iterator[RequestLogRecord], since: datetime | None, model
         yield record
 
 
-def _read_records(handle, path: Path, active: bool) -> Iterator[RequestLogRecord]:
+def _read_records(handle, path: Path, active: bool, kind: type = RequestLogRecord) -> Iterator:
     line_no, line = 0, handle.readline()
     while line:
         line_no, following = line_no + 1, handle.readline()
         if line.strip():
-            record = _parse_line(path, line_no, line, cut_allowed=active and not following)
+            record = _parse_line(path, line_no, line, active and not following, kind)
             if record is not None:
                 yield record
         line = following
@@ -303,8 +303,12 @@ def _unreadable(path: Path, exc: OSError) -> TunesmithError:
     return TunesmithError(f"{path}: cannot read the request log ({exc.strerror or exc}); check its permissions")
 
 
-def _parse_line(path: Path, line_no: int, line: bytes, cut_allowed: bool) -> RequestLogRecord | None:
-    """One line as a record; None for the active file's last line when a crash cut it (never acknowledged)."""
+_KINDS = {RequestLogRecord: ("request log", REQUEST_LOG_VERSION), FeedbackRecord: ("feedback", FEEDBACK_VERSION)}
+
+
+def _parse_line(path: Path, line_no: int, line: bytes, cut_allowed: bool, kind: type = RequestLogRecord):
+    """One line as a `kind` record; None for the active file's last line when a crash cut it (never acknowledged)."""
+    what, latest = _KINDS[kind]
     if cut_allowed and not line.endswith(b"\n"):
         return None
     try:
@@ -312,18 +316,18 @@ def _parse_line(path: Path, line_no: int, line: bytes, cut_allowed: bool) -> Req
     except ValueError as exc:
         if cut_allowed:
             return None
-        raise TunesmithError(f"{path}:{line_no}: not a request log record (bad JSON: {exc}); "
+        raise TunesmithError(f"{path}:{line_no}: not a {what} record (bad JSON: {exc}); "
                              "delete that line or move the file out of the log directory") from None
     version = value.get("version") if isinstance(value, dict) else None
-    if isinstance(version, int) and version > REQUEST_LOG_VERSION:
-        raise TunesmithError(f"{path}:{line_no}: request log version {version} is newer than this tunesmith reads "
-                             f"(up to {REQUEST_LOG_VERSION}); upgrade tunesmith")
+    if isinstance(version, int) and version > latest:
+        raise TunesmithError(f"{path}:{line_no}: {what} version {version} is newer than this tunesmith reads "
+                             f"(up to {latest}); upgrade tunesmith")
     try:
-        return RequestLogRecord.model_validate(value)
+        return kind.model_validate(value)
     except ValidationError as exc:
         problem = exc.errors()[0]
         where = ".".join(str(part) for part in problem["loc"]) or "the line"
-        raise TunesmithError(f"{path}:{line_no}: not a request log record ({where}: {problem['msg']}); "
+        raise TunesmithError(f"{path}:{line_no}: not a {what} record ({where}: {problem['msg']}); "
                              "delete that line or move the file out of the log directory") from None
 
 
@@ -349,19 +353,6 @@ def read_feedback(directory: Path, since: datetime | None = None) -> Iterator[Fe
     if not path.exists():
         return
     with path.open("rb") as handle:
-        lines = handle.read().split(b"\n")
-    for line_no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = FeedbackRecord.model_validate_json(line)
-        except ValidationError as exc:
-            if line_no == len(lines):  # a last line cut by a crash
-                return
-            raise TunesmithError(f"{path}:{line_no}: not a feedback record ({exc.errors()[0]['msg']}); "
-                                 "fix or delete that line") from None
-        if record.version > FEEDBACK_VERSION:
-            raise TunesmithError(f"{path}:{line_no}: feedback version {record.version} is newer than this "
-                                 "tunesmith reads; upgrade tunesmith")
-        if since is None or datetime.fromisoformat(record.time) >= since:
-            yield record
+        for record in _read_records(handle, path, active=True, kind=FeedbackRecord):
+            if since is None or datetime.fromisoformat(record.time) >= since:
+                yield record

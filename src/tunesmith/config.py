@@ -30,6 +30,15 @@ class DataSourceConfig(_Section):
     """Share of this source's rows in the training split: 2 repeats each row, 0.5 keeps half (chosen by content hash)."""
 
 
+class ReplayConfig(_Section):
+    share: float = Field(0.0, ge=0, le=1)
+    """Replay rows added to the SFT training split, as a share of its rows (0.2: one replay row per five task rows); 0: off."""
+    source: Literal["self_distill"] | Path = "self_distill"
+    """`self_distill`: the base model's own answers to tunesmith's shipped general prompts (generated once, cached per base model); or a chat data file of your own general examples."""
+    max_new_tokens: int = 128
+    """Longest self-distilled answer; longer ones are cut and dropped."""
+
+
 class DataConfig(_Section):
     train: Path
     """Training data: .jsonl, .json, .csv, .parquet or a saved Hugging Face dataset folder, in any supported format."""
@@ -69,6 +78,8 @@ class DataConfig(_Section):
     """Longest tokenized example (prompt + answer) kept for training; longer ones are truncated from the end."""
     system_prompt: str | None = None
     """System message prepended to examples that have none (prompt/completion and alpaca rows included)."""
+    replay: ReplayConfig = ReplayConfig()
+    """Replay of general data mixed into SFT training so the model keeps what it could already do."""
 
 
 class LoraConfig(_Section):
@@ -89,9 +100,30 @@ class PreferenceConfig(_Section):
     """DPO/KTO beta: how far the policy may move from the reference (higher stays closer); the reference is the base model, or the `train.init_from` run's model."""
 
 
+class GrpoConfig(_Section):
+    rewards: list[str] = ["json_valid"]
+    """Reward functions, summed: shipped `json_valid`, `json_schema`, `exact_match`, `field_match`, `regex`, `length`, or your own `path/to/file.py:name` / `module:name` called as name(completion, reference) -> number."""
+    reward_weights: list[float] | None = None
+    """Weight of each reward (same order as `rewards`); unset: 1 each."""
+    num_generations: int = Field(4, ge=2)
+    """Answers sampled per prompt; each is rewarded relative to its group's mean."""
+    max_completion_length: int = Field(64, ge=1)
+    """Longest sampled answer, in tokens."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the answers."""
+    beta: float = Field(0.0, ge=0)
+    """KL penalty toward the reference model (0: none, TRL's default; no reference copy is kept)."""
+    json_schema: Path | None = None
+    """JSON schema file for the `json_schema` reward."""
+    regex: str | None = None
+    """Regular expression the whole answer must match, for the `regex` reward."""
+    target_length: int | None = None
+    """Answer length in characters the `length` reward prefers (1 at it, falling linearly to 0 at twice it); unset: the reference's length."""
+
+
 class TrainConfig(_Section):
-    method: Literal["sft", "dpo", "kto"] = "sft"
-    """`sft` on chat examples, or preference tuning on chosen/rejected pairs: `dpo`, or `kto` (also takes unpaired labels)."""
+    method: Literal["sft", "dpo", "kto", "grpo"] = "sft"
+    """`sft` on chat examples; preference tuning on chosen/rejected pairs: `dpo`, or `kto` (also takes unpaired labels); or `grpo` on chat examples, rewarding sampled answers with `train.grpo.rewards` (the dataset's answers serve as references)."""
     epochs: float = 2.0
     """Passes over the training split."""
     adapter: Literal["lora", "dora", "qlora", "full"] = "lora"
@@ -146,6 +178,8 @@ class TrainConfig(_Section):
     """LoRA adapter settings."""
     preference: PreferenceConfig = PreferenceConfig()
     """Preference tuning settings (methods `dpo` and `kto`)."""
+    grpo: GrpoConfig = GrpoConfig()
+    """GRPO settings (method `grpo`): rewards and sampling."""
 
 
 DEFAULT_JUDGE_RUBRIC = ("Which answer follows the instruction better? Judge correctness first, then completeness "
@@ -205,6 +239,14 @@ class EvaluateConfig(_Section):
     """Examples shown per comparison where the two models differ most."""
     general_check: bool = True
     """Forgetting check: perplexity on shipped general text and accuracy on shipped general questions, for every model."""
+    compare_parent: bool = True
+    """When the run continues an earlier one (`train.init_from`), evaluate that parent too: comparisons, gates (`parent`) and the forgetting check also judge the child against it."""
+    prompt_baseline: int = Field(0, ge=0)
+    """Add a contender: the base model prompted with this many training examples as few-shot turns (0: off); the report says what fine-tuning gained over prompting and what prompt tokens it saves."""
+    prompt_baseline_selection: Literal["similar", "random"] = "similar"
+    """How the prompt baseline picks its examples for each request: the most similar training prompts, or a fixed random set."""
+    prompt_token_price: float = Field(0.15, ge=0)
+    """Price of 1M prompt tokens (your currency) used to cost the prompt baseline's extra tokens per 1M requests."""
     overfit_tolerance: float = 0.10
     """Flag overfitting when validation loss ends this fraction above its best while training loss kept falling."""
     gates: list[str] = []

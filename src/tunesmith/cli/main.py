@@ -136,18 +136,18 @@ def _stoppable_train(run_dir: Path, settings, resume: bool = False, restart: boo
 
 
 def _train_stage(run_dir: Path, settings, resume: bool = False, restart: bool = False) -> dict:
-    """The training entry point for `train.method`: SFT, or preference tuning (DPO, KTO)."""
+    """The training entry point for `train.method`: SFT, preference tuning (DPO, KTO) or GRPO."""
     if settings.train.method == "sft":
         from tunesmith.train.sft import train_sft
 
         return train_sft(run_dir, settings, resume=resume, restart=restart)
-    if resume:
-        from tunesmith.errors import TunesmithError
+    if settings.train.method == "grpo":
+        from tunesmith.train.grpo import train_grpo
 
-        raise TunesmithError(f"--resume works for train.method=sft only (this run uses {settings.train.method})")
+        return train_grpo(run_dir, settings, resume=resume, restart=restart)
     from tunesmith.train.preference import train_preference
 
-    return train_preference(run_dir, settings)
+    return train_preference(run_dir, settings, resume=resume, restart=restart)
 
 
 @app.command()

@@ -30,13 +30,15 @@ PREFERENCE_METRICS = {
 }
 
 
-def train_preference(run_dir: Path, config: RunConfig) -> dict:
+def train_preference(run_dir: Path, config: RunConfig, resume: bool = False, restart: bool = False) -> dict:
     """Train with DPO or KTO on the run's preference split; write `<run_dir>/adapter` (or `model`) and manifest `train`."""
     import torch
     from datasets import Dataset
     from transformers import PrinterCallback, set_seed
 
     run_dir, settings = Path(run_dir), config.train
+    if resume:
+        raise TunesmithError(f"--resume works for train.method=sft only (this run uses {settings.method})")
     if settings.method not in ACCEPTED_KINDS:
         raise TunesmithError(f"train.method={settings.method} is not a preference method; choose {', '.join(ACCEPTED_KINDS)}")
     run = Run.open(run_dir)

@@ -39,6 +39,18 @@ class CurvePoint(_Record):
     loss: float
 
 
+class ReplaySection(_Record):
+    """General rows mixed into SFT training beside the training split (`data.replay`)."""
+
+    source: str
+    """`self_distill` (the base model's own answers to tunesmith's general prompts) or the replay data file."""
+    share: float
+    rows: int
+    file: str = "data/replay.jsonl"
+    sha256: str
+    """Hash of the replay file, checked before training reads it."""
+
+
 class DataSection(_Record):
     kind: DataKind = "sft"
     train_file: str = "data/train.jsonl"
@@ -56,6 +68,8 @@ class DataSection(_Record):
     validation_hash: str | None = None
     chat_template_sha: str
     """Fingerprint of the chat template the data was checked with; training, evaluation and serving must match it."""
+    replay: ReplaySection | None = None
+    """Replay rows trained on beside the training split; not part of the dataset hash."""
 
 
 class ParentRef(_Record):

@@ -49,6 +49,9 @@ def _prepare_locked(config: RunConfig, overwrite: bool) -> Path:
         data_dir = staging / "data"
         data_dir.mkdir()
         data_section = prepare_data(config, tokenizer, data_dir)
+        replay = _replay(config, base_source, tokenizer, data_section, data_dir)
+        if replay:
+            data_section["replay"] = replay
         data_section["wall_time_s"] = round(time.perf_counter() - started, 2)
         (staging / "config.yaml").write_text(config_to_yaml(config), encoding="utf-8")
         write_manifest(staging / MANIFEST, Manifest(
@@ -63,6 +66,17 @@ def _prepare_locked(config: RunConfig, overwrite: bool) -> Path:
             write_json_atomic(data_dir / "preflight.json", report)
             raise_on_failures(report)
     return run_dir
+
+
+def _replay(config: RunConfig, base_source, tokenizer, data_section: dict, data_dir: Path) -> dict | None:
+    if not config.data.replay.share:
+        return None
+    if data_section["kind"] != "sft":
+        raise TunesmithError(f"data.replay mixes general chat rows into SFT training, but {config.data.train} holds "
+                             f"{data_section['kind']} data; set data.replay.share=0")
+    from tunesmith.data.replay import write_replay
+
+    return write_replay(config, base_source, tokenizer, data_section["rows"]["train"], data_dir)
 
 
 def check_names_are_text(config: RunConfig) -> None:

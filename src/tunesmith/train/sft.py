@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tunesmith.config import RunConfig, TrainConfig
 from tunesmith.data.prepare import read_split
+from tunesmith.data.replay import read_replay
 from tunesmith.data.template import tokenize_example
 from tunesmith.errors import TunesmithError
 from tunesmith.models import load_tokenizer
@@ -51,7 +52,8 @@ def train_sft(run_dir: Path, config: RunConfig, resume: bool = False, restart: b
     precision = pick_precision(settings.precision)
     accelerator = make_accelerator(settings, precision)
     threads = set_cpu_threads(default_threads(settings.threads))
-    train_examples = _tokenized(tokenizer, read_split(run_dir, "train"), config.data.max_length)
+    # Replay rows (data.replay) are trained on like the task's rows; validation stays the task's own.
+    train_examples = _tokenized(tokenizer, read_split(run_dir, "train") + read_replay(run), config.data.max_length)
     validation_examples = _tokenized(tokenizer, read_split(run_dir, "validation"), config.data.max_length)
 
     torch.manual_seed(config.seed)  # adapter initialisation

@@ -29,6 +29,14 @@ class TrainingStopped(Exception):
         self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
 
 
+def non_finite_loss(loss: float, step: int, run_dir: Path, settings) -> TunesmithError:
+    """The error that stops a run whose loss became NaN/inf at `step`, before that update is applied."""
+    return TunesmithError(
+        f"training loss became {loss} at step {step}: the run stopped before applying that update; the last good "
+        f"checkpoint is kept in {run_dir / 'checkpoints'}. Lower train.learning_rate (now {settings.learning_rate}) "
+        f"or use precision=fp32, then `tunesmith train {run_dir} --resume`")
+
+
 @dataclass
 class LoopProgress:
     """Everything besides weights and optimizer state that a resumed run needs to continue identically."""
@@ -47,6 +55,31 @@ class LoopProgress:
     warnings: list[str] = field(default_factory=list)
     stop_reason: str | None = None
     best_weights_restored: bool = False
+
+    def record_validation(self, loss: float, patience: int | None) -> bool:
+        """Add a validation point; track the best, warn on overfitting, stop early when patience runs out.
+
+        True when the loss is a new best (a caller that stops early keeps those weights)."""
+        self.validation_curve.append({"step": self.step, "loss": round(loss, 6)})
+        improved = self.best_validation is None or loss < self.best_validation - 1e-4
+        if improved:
+            self.best_validation, self.best_step, self.evals_without_improvement = loss, self.step, 0
+        else:
+            self.evals_without_improvement += 1
+            self.note_overfitting()
+        if patience and self.evals_without_improvement >= patience:
+            self.stop_reason = "early_stopping"
+        return improved
+
+    def note_overfitting(self) -> None:
+        """Warn once when the one overfitting rule (evaluate.overfitting) finds validation loss diverging."""
+        from tunesmith.evaluate.overfitting import overfitting_check
+
+        verdict = overfitting_check({"loss_curve": self.loss_curve, "validation_curve": self.validation_curve},
+                                    OVERFIT_RISE)
+        if verdict["overfitting"] and not any(w.startswith("overfitting") for w in self.warnings):
+            self.warnings.append(f"overfitting: {verdict['message']}; consider fewer epochs or "
+                                 "train.early_stopping_patience")
 
 
 def trained_token_loss_module(model):
@@ -206,10 +239,7 @@ class SftLoop:
         step_loss = totals[0].item() / max(1, step_tokens)
         self.progress.tokens_seen += int(totals[1].item())
         if not math.isfinite(step_loss):
-            raise TunesmithError(
-                f"training loss became {step_loss} at step {step + 1}: the run stopped before applying that update; "
-                f"the last good checkpoint is kept in {self.run_dir / 'checkpoints'}. Lower train.learning_rate "
-                f"(now {settings.learning_rate}) or use precision=fp32, then `tunesmith train {self.run_dir} --resume`")
+            raise non_finite_loss(step_loss, step + 1, self.run_dir, settings)
         if settings.max_grad_norm:
             accelerator.clip_grad_norm_(self.module.parameters(), settings.max_grad_norm)
         self.optimizer.step()
@@ -256,33 +286,10 @@ class SftLoop:
         return totals[0].item() / max(1.0, totals[1].item())
 
     def validate_and_maybe_stop(self) -> None:
-        """Record the validation loss; track the best, warn on overfitting, stop early when patience runs out."""
-        progress, patience = self.progress, self.settings.early_stopping_patience
-        loss = self.validation_loss()
-        progress.validation_curve.append({"step": progress.step, "loss": round(loss, 6)})
-        if progress.best_validation is None or loss < progress.best_validation - 1e-4:
-            progress.best_validation, progress.best_step = loss, progress.step
-            progress.evals_without_improvement = 0
-            if patience:
-                self.best_weights = {k: v.detach().clone() for k, v in self.trainable_weights().items()}
-        else:
-            progress.evals_without_improvement += 1
-            self.warn_if_overfitting(loss)
-        if patience and progress.evals_without_improvement >= patience:
-            progress.stop_reason = "early_stopping"
-
-    def warn_if_overfitting(self, loss: float) -> None:
-        progress = self.progress
-        train_then = [p["loss"] for p in progress.loss_curve if p["step"] <= (progress.best_step or 0)]
-        train_now = progress.loss_curve[-1]["loss"] if progress.loss_curve else None
-        rising = loss > progress.best_validation * (1 + OVERFIT_RISE)
-        if rising and train_then and train_now is not None and train_now < train_then[-1]:
-            message = (f"overfitting: validation loss {loss:.4f} at step {progress.step} is "
-                       f"{loss / progress.best_validation - 1:.0%} above its best ({progress.best_validation:.4f} at "
-                       f"step {progress.best_step}) while training loss kept falling; consider fewer epochs or "
-                       "train.early_stopping_patience")
-            if not any(w.startswith("overfitting") for w in progress.warnings):
-                progress.warnings.append(message)
+        """Record the validation loss; keep the best weights when early stopping may need them."""
+        patience = self.settings.early_stopping_patience
+        if self.progress.record_validation(self.validation_loss(), patience) and patience:
+            self.best_weights = {k: v.detach().clone() for k, v in self.trainable_weights().items()}
 
     def stop_requested(self, signals: StopSignals) -> bool:
         """True when any process got SIGTERM/Ctrl-C; all processes agree so they stop at the same step."""

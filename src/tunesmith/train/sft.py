@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +15,11 @@ from tunesmith.config import RunConfig, TrainConfig
 from tunesmith.data.prepare import read_split
 from tunesmith.data.replay import read_replay
 from tunesmith.data.template import tokenize_example
-from tunesmith.errors import TunesmithError
 from tunesmith.models import load_tokenizer
 from tunesmith.registry.run import Run
 from tunesmith.registry.run_dir import staged_dir
 from tunesmith.train.batches import StepPlan
-from tunesmith.train.checkpoints import CHECKPOINTS_DIR, complete_checkpoints, newest_intact_checkpoint
+from tunesmith.train.checkpoints import CHECKPOINTS_DIR, resume_point, settings_of
 from tunesmith.train.devices import pick_precision, set_cpu_threads
 from tunesmith.train.distributed import default_threads, make_accelerator
 from tunesmith.train.learning_rate import with_learning_rate
@@ -43,9 +41,9 @@ def train_sft(run_dir: Path, config: RunConfig, resume: bool = False, restart: b
 
     run_dir, settings = Path(run_dir), config.train
     run = Run.open(run_dir)
-    resumed_from = _resume_point(run_dir, resume, restart)
+    resumed_from = resume_point(run_dir, resume, restart)
     if resumed_from:
-        settings = _settings_of(resumed_from, settings)
+        settings = settings_of(resumed_from, settings)
     tokenizer = load_tokenizer(run.base_source)
     run.check_template(tokenizer)
     parent = parent_of(run, settings)
@@ -117,33 +115,6 @@ def _tokenized(tokenizer, examples, max_length: int):
 
 def _scheduler_name(settings: TrainConfig) -> str:
     return "constant_with_warmup" if settings.lr_scheduler == "constant" else settings.lr_scheduler
-
-
-def _resume_point(run_dir: Path, resume: bool, restart: bool) -> Path | None:
-    """The newest intact checkpoint when resuming (damaged newer ones are skipped, and said so)."""
-    if not resume:
-        existing = complete_checkpoints(run_dir)
-        if existing and not restart:
-            raise TunesmithError(f"{run_dir / CHECKPOINTS_DIR} holds checkpoints of an earlier attempt (newest "
-                                 f"{existing[-1].name}); continue it with --resume, or delete them and start over "
-                                 "with --restart")
-        return None
-    checkpoint, skipped = newest_intact_checkpoint(run_dir)
-    for note in skipped:
-        print(f"warning: checkpoint {note}; trying an earlier one", file=sys.stderr)
-    if checkpoint is None:
-        damaged = f" (damaged: {'; '.join(skipped)})" if skipped else ""
-        raise TunesmithError(f"--resume: {run_dir / CHECKPOINTS_DIR} holds no intact checkpoint{damaged}; "
-                             f"start over with --restart")
-    return checkpoint
-
-
-def _settings_of(checkpoint: Path, current: TrainConfig) -> TrainConfig:
-    """A resumed run continues with the settings it started with (overrides included); only `threads` may change."""
-    import json
-
-    saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-    return TrainConfig.model_validate({**saved, "threads": current.threads})
 
 
 def _metrics(progress) -> dict:

@@ -36,6 +36,12 @@ def test_prompting_that_matches_fine_tuning_says_do_not_fine_tune():
     assert "fine-tuning reached 100%" in advice.reason
 
 
+def test_prompting_that_fine_tuning_cannot_beat_but_that_scores_low_says_so():
+    advice = decide("exact_match", zero_shot=0.0, few_shot=0.1, shots=4, curve=curve(0.1, 0.1, 0.15))
+    assert advice.verdict == PROMPT and "neither reaches 50%" in advice.reason
+    assert "neither" not in decide("exact_match", 0.0, 0.9, 4, curve(0.9, 0.9, 0.9)).reason
+
+
 def test_a_clear_gain_on_a_flat_curve_says_fine_tune_with_the_tokens_it_saves():
     advice = decide("exact_match", zero_shot=0.0, few_shot=0.4, shots=4, curve=curve(0.97, 0.98, 1.0),
                     extra_prompt_tokens=312.4, cost_per_million=46.86)
@@ -114,6 +120,10 @@ def test_advise_json_prints_only_json_on_stdout(advise_config, tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     advice = json.loads(result.stdout)
     assert advice["verdict"] == FINE_TUNE and advice["shots"] == 3 and advice["run_dir"].endswith("tiny-advise")
+    # Without --shots: evaluate.prompt_baseline when the config sets it, else four.
+    for overrides, shots in (([], 4), (["evaluate.prompt_baseline=2"], 2)):
+        result = CliRunner().invoke(advise_app(), ["advise", advise_config, *overrides, "--json"])
+        assert json.loads(result.stdout)["shots"] == shots
 
 
 def test_advise_refuses_a_preference_config_in_one_line(advise_config):

@@ -109,13 +109,13 @@ def _score_prompting(run_dir: Path, settings, train, held_out, shots: int):
     few_shot = few_shot_conversations(train, held_out, shots, evaluate.prompt_baseline_selection, settings.seed)
     check_fits_context(tokenizer, few_shot, evaluate.max_new_tokens,
                        getattr(model.config, "max_position_embeddings", None), shots)
-    scores = []
+    scores, variants = [], [("zero-shot", plain)] + ([(f"{shots}-shot", few_shot)] if shots else [])
     with Progress(transient=True) as progress:
-        for label, conversations in (("zero-shot", plain), (f"{shots}-shot", few_shot)):
+        for label, conversations in variants:
             task = progress.add_task(f"base model, {label}", total=len(held_out))
             scores.append(task_scores(model, tokenizer, conversations, held_out, stop_ids, evaluate,
                                       on_answer=lambda n, t=task: progress.advance(t, n)))
-    return scores[0], scores[1], extra_prompt_tokens(tokenizer, plain, few_shot)
+    return scores[0], scores[-1], extra_prompt_tokens(tokenizer, plain, few_shot)
 
 
 def _learning_curve(run_dir: Path, settings, held_out, train_rows: int, step_budget: int):
@@ -222,8 +222,9 @@ def print_advice(advice, run_dir: Path) -> None:
 
     table = Table("contender", "training examples", "steps", advice.metric, title="fine-tune or prompt?")
     table.add_row("base model, zero-shot", "-", "-", pct(advice.zero_shot))
-    table.add_row(f"base model, {advice.shots}-shot (+{advice.extra_prompt_tokens:.0f} prompt tokens)", "-", "-",
-                  pct(advice.few_shot))
+    if advice.shots:
+        table.add_row(f"base model, {advice.shots}-shot (+{advice.extra_prompt_tokens:.0f} prompt tokens)", "-", "-",
+                      pct(advice.few_shot))
     for point in advice.curve:
         table.add_row(f"LoRA on {point.share:.0%} of the data", str(point.examples), str(point.steps), pct(point.score))
     console.print(table)

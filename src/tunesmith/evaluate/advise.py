@@ -11,7 +11,8 @@ Scores are the task metric in [0, 1]: `accuracy` when evaluate.labels is set, el
    extrapolated to twice the data beats prompting by MIN_GAIN (more data is the cheapest next gain).
 2. fine-tune: the 100% run beats prompting by at least MIN_GAIN.
 3. prompt: otherwise; a smaller gain does not pay for training, versioning and serving an adapter (and on a few dozen
-   held-out examples it is within noise).
+   held-out examples it is within noise). When neither scores LOW_SCORE, the advice says so: the task, the data or
+   the metric needs a look first, or the short runs need more steps.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ STEEP_RISE = 0.10
 """Gain per doubling of the training data from which the curve counts as still rising steeply."""
 SATURATED = 0.95
 """A 100% run scoring this or more has too little room left for more data to be the advice."""
+
+LOW_SCORE = 0.5
+"""Below this, prompting that fine-tuning cannot beat is no success either, and the advice says so."""
 
 PROMPT, FINE_TUNE, MORE_DATA = "prompt", "fine-tune", "gather more data"
 
@@ -79,7 +83,8 @@ class Advice:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "fine_tuned": self.fine_tuned, "prompting": self.prompting,
-                "thresholds": {"min_gain": MIN_GAIN, "steep_rise": STEEP_RISE, "saturated": SATURATED}}
+                "thresholds": {"min_gain": MIN_GAIN, "steep_rise": STEEP_RISE, "saturated": SATURATED,
+                               "low_score": LOW_SCORE}}
 
 
 def task_metric(settings: EvaluateConfig) -> str:
@@ -121,6 +126,9 @@ def decide(metric: str, zero_shot: float, few_shot: float, shots: int, curve: tu
         verdict = PROMPT
         reason = (f"don't fine-tune, prompt: {numbers} (a gain under {points(MIN_GAIN)} points does not pay for "
                   f"training and serving an adapter)")
+        if max(prompting, tuned) < LOW_SCORE:
+            reason += (f"; but neither reaches {pct(LOW_SCORE)}: check the data and the metric, or give the short "
+                       "runs more steps (--steps)")
     return replace(advice, verdict=verdict, reason=reason)
 
 

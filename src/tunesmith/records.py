@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MANIFEST_VERSION = 2
 """1: the layout before typed records (no `version` key; same sections). 2: adds `version`, the trained
 weights' hash and the base model's weights hash."""
-REPORT_VERSION = 1
+REPORT_VERSION = 2
+"""1: every model against the base. 2: adds `against_parent` and `against_prompting` (both optional, so version 1
+reports still load)."""
 
 DataKind = Literal["sft", "preference", "unpaired_preference"]
 
@@ -139,8 +141,45 @@ class Manifest(_Record):
     """The MLflow run this run was logged to: {uri, run_id, weights_sha256}."""
 
 
+class LostGround(_Record):
+    """A metric on which the run is significantly worse than its parent (paired test on the same examples)."""
+
+    metric: str
+    parent: float
+    child: float
+    delta: float
+    p_value: float
+
+
+class ParentComparison(_Record):
+    """The run against the run it continued from (`train.init_from`): child minus parent, per metric."""
+
+    label: str
+    """The parent's label in `results` (`parent`, or `champion` when the parent is the champion being evaluated)."""
+    run_dir: str
+    name: str | None = None
+    metrics: dict[str, dict]
+    lost_ground: list[LostGround] = Field(default_factory=list)
+    """Every metric the child is significantly worse on; empty when it lost nothing."""
+
+
+class PromptingComparison(_Record):
+    """Fine-tuning against prompting the base model with k training examples: fine-tuned minus prompt baseline."""
+
+    examples_per_prompt: int
+    selection: str
+    metrics: dict[str, dict]
+    extra_prompt_tokens: float
+    """Mean prompt tokens the few-shot turns add to each request (what the fine-tuned model saves)."""
+    prompt_token_price: float
+    """Price of 1M prompt tokens (evaluate.prompt_token_price)."""
+    cost_per_million_requests: float
+    """What the extra prompt tokens of 1M requests cost at that price."""
+
+
 class EvaluationReport(_Record):
-    """`eval/report.json`: every model's scores on the same held-out examples, compared with the base."""
+    """`eval/report.json`: every model's scores on the same held-out examples, compared with the base (and with
+    the run's parent and a prompting baseline, when evaluated)."""
 
     version: int = REPORT_VERSION
     run: str
@@ -156,6 +195,8 @@ class EvaluationReport(_Record):
     overfitting: dict = Field(default_factory=dict)
     gates: list[GateOutcome] = Field(default_factory=list)
     passed: bool = True
+    against_parent: ParentComparison | None = None
+    against_prompting: PromptingComparison | None = None
 
 
 LINEAGE_VERSION = 1

@@ -75,3 +75,59 @@ def test_extra_tokens_are_counted_with_the_tokenizer_and_costed_per_million_requ
     check_fits_context(tokenizer, few, max_new_tokens=8, context_length=512, k=2)
     with pytest.raises(TunesmithError, match="evaluate.prompt_baseline=2: held-out example 1's few-shot prompt is"):
         check_fits_context(tokenizer, few, max_new_tokens=8, context_length=20, k=2)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model_dir):
+    """A tiny run trained for 4 steps on 40 order rows."""
+    from conftest import make_trained_run
+
+    return make_trained_run(tmp_path_factory.mktemp("prompting"), tiny_model_dir, "orders", seed=0, steps=4)
+
+
+def test_the_prompt_baseline_is_a_contender_with_its_gain_and_the_tokens_fine_tuning_saves(trained_run, monkeypatch):
+    import tunesmith.evaluate.run as stage
+    from tunesmith.config import load_run_config
+    from tunesmith.data.prepare import read_split
+    from tunesmith.models import load_tokenizer
+
+    asked = []
+    real_generate = stage.generate_batched
+
+    def recording(model, tokenizer, conversations, *args, **kwargs):
+        asked.append(conversations)
+        return real_generate(model, tokenizer, conversations, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "generate_batched", recording)
+    config = load_run_config(trained_run, ["evaluate.prompt_baseline=2", "evaluate.prompt_token_price=2.0",
+                                           "evaluate.max_new_tokens=4", "evaluate.bootstrap_samples=300"])
+    report = stage.evaluate_run(trained_run, config, gates=["exact_match >= base - 1"])
+
+    assert list(report["results"]) == ["base", "prompt-baseline", "fine-tuned"]
+    assert [len(conversations[0]) for conversations in asked] == [1, 5, 1]  # the request; 2 shots before it
+    results = report["results"]
+    assert results["prompt-baseline"]["validation_loss"] != results["base"]["validation_loss"]  # shots as context
+    assert "exact_match" in report["intervals"]["prompt-baseline"]
+    prompting = report["against_prompting"]
+    examples = stage.evaluation_examples(stage.Run.open(trained_run))
+    plain = few_shot_conversations([], examples, k=0, selection="similar", seed=0)
+    few = few_shot_conversations(read_split(trained_run, "train"), examples, k=2, selection="similar", seed=config.seed)
+    extra = extra_prompt_tokens(load_tokenizer(trained_run / "adapter"), plain, few)
+    assert prompting["extra_prompt_tokens"] == pytest.approx(extra, abs=0.01) and extra > 20
+    assert prompting["cost_per_million_requests"] == pytest.approx(extra * 2.0, abs=0.05)
+    gain = prompting["metrics"]["exact_match"]
+    assert gain["delta"] == pytest.approx(results["fine-tuned"]["exact_match"] - results["prompt-baseline"]["exact_match"],
+                                          abs=1e-3)
+    assert [g["model"] for g in report["gates"]] == ["fine-tuned"]  # the baseline is context, not a candidate
+    markdown = (trained_run / "eval" / "report.md").read_text()
+    assert "## Against prompting" in markdown and "of exact_match over prompting with 2 similar examples" in markdown
+    assert f"it saves {extra:.0f} prompt tokens per request" in markdown
+
+
+def test_a_few_shot_prompt_longer_than_the_context_is_refused_not_cut(trained_run):
+    from tunesmith.config import load_run_config
+    from tunesmith.evaluate.run import evaluate_run
+
+    config = load_run_config(trained_run, ["evaluate.prompt_baseline=3", "evaluate.max_new_tokens=480"])
+    with pytest.raises(TunesmithError, match="exceeds the model's context of 512; lower evaluate.prompt_baseline"):
+        evaluate_run(trained_run, config)

@@ -68,9 +68,13 @@ def trained(run_dir: Path, section: dict) -> None:
 
 def evaluated(run_dir: Path, report: dict) -> None:
     from tunesmith.evaluate.gates import describe_outcome
-    from tunesmith.evaluate.report import terminal_table
+    from tunesmith.evaluate.report import lost_ground_lines, prompting_line, terminal_table
 
     console.print(terminal_table(report))
+    for line in lost_ground_lines(report):
+        console.print(plain(line, "bold red"), highlight=False)
+    if prompting_line(report):
+        console.print(_styled("prompting: ", "bold", prompting_line(report)))
     if report.get("overfitting", {}).get("overfitting"):
         console.print(_styled("overfitting: ", "bold yellow", report["overfitting"]["message"]))
     for outcome in report.get("gates", []):

@@ -68,3 +68,11 @@ def largest_differences(base_scores: dict[str, list[float]], candidate_scores: d
     ordered = sorted(indices, key=gain, reverse=True)
     return {"gained": [i for i in ordered[:count] if any(g > 0 for g in gain(i))],
             "lost": [i for i in reversed(ordered[-count:]) if any(g < 0 for g in gain(i))] if count else []}
+
+
+def lost_ground(metrics: dict[str, dict]) -> list[dict]:
+    """The metrics of a paired comparison (`compare_models`, before -> after) that got significantly worse.
+
+    Every per-example score is higher-is-better (see `metrics`), so a significant negative delta is lost ground."""
+    return [{"metric": name, "parent": c["base"], "child": c["candidate"], "delta": c["delta"], "p_value": c["p_value"]}
+            for name, c in metrics.items() if c["significant"] and c["delta"] < 0]

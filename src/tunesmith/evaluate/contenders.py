@@ -1,5 +1,5 @@
-"""The models compared: the base, the run's adapter and adapters of other runs on one loaded base, and fully
-fine-tuned runs beside it."""
+"""The models compared: the base, the run's adapter and adapters of other runs (its parent, a champion, candidates)
+on one loaded base, fully fine-tuned runs beside it, and the base prompted with few-shot examples."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from tunesmith.registry.run import Run
 BASE = "base"
 FINE_TUNED = "fine-tuned"
 CHAMPION = "champion"
+PARENT = "parent"
+PROMPT_BASELINE = "prompt-baseline"
+REFERENCES = {"base": BASE, "champion": CHAMPION, "parent": PARENT}
+"""Gate reference (`exact_match >= parent`) -> the contender label it names."""
 
 
 @dataclass
@@ -23,20 +27,26 @@ class Contender:
     run_dir: Path | None = None
     model: object | None = None
     """Its own fully fine-tuned model; None when it answers through the shared model (base or an adapter)."""
+    few_shot: bool = False
+    """The base model answering with training examples as few-shot turns before each request."""
 
 
-def load_contenders(run: Run, tokenizer, candidates: list[Path], compare_base: bool, champion: Path | None = None):
+def load_contenders(run: Run, tokenizer, candidates: list[Path], compare_base: bool, champion: Path | None = None,
+                    parent: Path | None = None, prompt_baseline: bool = False):
     """The shared model (base, with every adapter attached) and the contenders in report order (base first).
 
     Adapters share one copy of the base weights; a fully fine-tuned run brings its own model. `champion` is the run
-    a promotion must beat, labelled `champion`.
+    a promotion must beat, labelled `champion`; `parent` the run this one continued from, labelled `parent`.
     """
     shared = load_model(run.base_source)
     contenders = [Contender(BASE, None)] if compare_base else []
+    if prompt_baseline:
+        contenders.append(Contender(PROMPT_BASELINE, None, few_shot=True))
     runs = [(FINE_TUNED, run)]
-    if champion is not None:
-        runs.append((CHAMPION, Run.open(champion)))
-        check_comparable(runs[-1][1], run, tokenizer)
+    for label, directory in ((PARENT, parent), (CHAMPION, champion)):
+        if directory is not None:
+            runs.append((label, Run.open(directory)))
+            check_comparable(runs[-1][1], run, tokenizer)
     taken = {c.label for c in contenders} | {label for label, _ in runs}
     for candidate in candidates:
         other = Run.open(candidate)
@@ -58,6 +68,28 @@ def load_contenders(run: Run, tokenizer, candidates: list[Path], compare_base: b
         contenders.append(Contender(label, name, contender_run.directory))
     shared.eval()
     return shared, contenders
+
+
+def parent_dir(run: Run, champion: Path | None = None) -> Path | None:
+    """The run directory this run continued from (`train.init_from`), unless it is the champion already evaluated."""
+    recorded = run.trained.parent
+    if recorded is None:
+        return None
+    directory = Path(recorded.run_dir)
+    if champion is not None and directory.resolve() == Path(champion).resolve():
+        return None
+    if not directory.is_dir():
+        raise TunesmithError(f"{run.directory} continued from {directory} (train.parent in its manifest), which is gone; "
+                             "restore it to compare with it, or set evaluate.compare_parent=false")
+    return directory
+
+
+def reference_labels(results: dict, parent_is_champion: bool = False) -> dict[str, str]:
+    """Gate references (`base`, `champion`, `parent`) -> the labels of the evaluated models they name."""
+    labels = {name: label for name, label in REFERENCES.items() if label in results}
+    if parent_is_champion and CHAMPION in results:
+        labels["parent"] = CHAMPION
+    return labels
 
 
 def check_comparable(candidate: Run, run: Run, tokenizer) -> None:

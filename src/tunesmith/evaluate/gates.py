@@ -1,7 +1,8 @@
 """Gates: pass/fail rules over the report, such as `exact_match >= base + 0.20`, so CI can refuse a model.
 
-A gate's threshold is a number, or relative to a reference model: `base` (the base model) or `champion` (the
-model that holds the alias a promotion would move, evaluated on the same examples).
+A gate's threshold is a number, or relative to a reference model: `base` (the base model), `champion` (the
+model that holds the alias a promotion would move) or `parent` (the run this one continued from,
+`train.init_from`), each evaluated on the same examples.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from tunesmith.errors import TunesmithError
 COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _GATE = re.compile(rf"^\s*(?P<metric>[A-Za-z_][\w:.\-]*)\s*(?P<op>>=|<=|==|>|<)\s*"
-                   rf"(?:(?P<reference>base|champion)\s*(?:(?P<arith>[-+*])\s*(?P<amount>{_NUMBER}))?"
+                   rf"(?:(?P<reference>base|champion|parent)\s*(?:(?P<arith>[-+*])\s*(?P<amount>{_NUMBER}))?"
                    rf"|(?P<value>{_NUMBER}))\s*$")
-EXAMPLE = ('"exact_match >= base + 0.20", "general_ppl <= base * 1.05", "exact_match >= champion + 0.02" '
-           'or "json_valid >= 0.95"')
-REFERENCES = ("base", "champion")
+EXAMPLE = ('"exact_match >= base + 0.20", "general_ppl <= base * 1.05", "exact_match >= champion + 0.02", '
+           '"general_qa >= parent - 0.05" or "json_valid >= 0.95"')
+REFERENCES = ("base", "champion", "parent")
+WHY_MISSING = {"base": " (set evaluate.compare_base=true or use an absolute threshold)",
+               "champion": " (only `tunesmith promote` has a champion)",
+               "parent": " (the run has no parent: it was not trained with train.init_from, or evaluate.compare_parent "
+                         "is false)"}
 
 
 @dataclass(frozen=True)
@@ -28,7 +33,7 @@ class Gate:
     metric: str
     op: str
     reference: str | None
-    """`base`, `champion`, or None for an absolute threshold."""
+    """`base`, `champion`, `parent`, or None for an absolute threshold."""
     arith: str | None
     amount: float
 
@@ -48,7 +53,7 @@ def parse_gate(text: str) -> Gate:
     """A gate from its text; a malformed gate is one clear error with examples."""
     match = _GATE.match(text)
     if not match:
-        raise TunesmithError(f"gate {text!r} is not `METRIC OP base|champion [+-* NUMBER]` or `METRIC OP NUMBER`; "
+        raise TunesmithError(f"gate {text!r} is not `METRIC OP base|champion|parent [+-* NUMBER]` or `METRIC OP NUMBER`; "
                              f"examples: {EXAMPLE}")
     relative = match["reference"] is not None
     amount = float(match["amount"] or (1.0 if match["arith"] == "*" else 0.0)) if relative else float(match["value"])
@@ -56,17 +61,17 @@ def parse_gate(text: str) -> Gate:
                 arith=match["arith"], amount=amount)
 
 
-def check_gates(gates: list[Gate], results: dict[str, dict], references: dict[str, str]) -> list[dict]:
-    """Each gate against every model but the references (`{"base": label, "champion": label}` for those evaluated):
-    pass/fail, the threshold and the margin (value - threshold)."""
+def check_gates(gates: list[Gate], results: dict[str, dict], references: dict[str, str],
+                ungated: tuple[str, ...] = ()) -> list[dict]:
+    """Each gate against every model but the references (`{"base": label, "parent": label, ...}` for those evaluated)
+    and the `ungated` ones shown for context: pass/fail, the threshold and the margin (value - threshold)."""
     outcomes = []
     for gate in gates:
         if gate.reference and gate.reference not in references:
             raise TunesmithError(f"gate {gate.text!r} compares with the {gate.reference} model, which was not evaluated"
-                                 + (" (set evaluate.compare_base=true or use an absolute threshold)"
-                                    if gate.reference == "base" else " (only `tunesmith promote` has a champion)"))
+                                 + WHY_MISSING[gate.reference])
         for label, scores in results.items():
-            if label in references.values():
+            if label in references.values() or label in ungated:
                 continue
             if gate.metric not in scores:
                 known = ", ".join(sorted(k for k, v in scores.items() if isinstance(v, (int, float))))

@@ -6,7 +6,16 @@ import difflib
 import re
 from html import escape
 
-from tunesmith.evaluate.report import comparison_cell, format_value, metric_keys, metric_label
+from tunesmith.evaluate.report import (
+    comparison_cell,
+    comparison_columns,
+    format_value,
+    lost_ground_lines,
+    metric_keys,
+    metric_label,
+    parent_verdict,
+    prompting_line,
+)
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
@@ -62,10 +71,9 @@ def word_diff(reference: str, answer: str) -> str:
 
 
 def _metrics_table(report: dict) -> str:
-    labels = list(report["results"])
-    candidates = [label for label in labels if label != "base"] if "base" in labels else []
+    labels, columns = list(report["results"]), comparison_columns(report)
     head = "".join(f"<th>{escape(label)}</th>" for label in labels)
-    head += "".join(f"<th>{escape(label)} vs base</th>" for label in candidates)
+    head += "".join(f"<th>{escape(column[0])}</th>" for column in columns)
     body = []
     for key in metric_keys(report):
         cells = []
@@ -74,7 +82,7 @@ def _metrics_table(report: dict) -> str:
             low_high = report.get("intervals", {}).get(label, {}).get(key)
             title = f' title="{report.get("confidence", 0.95):.0%} interval {format_value(key, low_high[0])} - {format_value(key, low_high[1])}"' if low_high else ""
             cells.append(f"<td{title}>{value}</td>")
-        cells += [f"<td>{escape(comparison_cell(report, label, key))}</td>" for label in candidates]
+        cells += [f"<td>{escape(comparison_cell(report, column, key))}</td>" for column in columns]
         body.append(f"<tr><td>{escape(metric_label(key))}</td>{''.join(cells)}</tr>")
     return f"<table><tr><th>metric</th>{head}</tr>{''.join(body)}</table>"
 
@@ -99,6 +107,18 @@ def _examples_section(report: dict, rows: list[dict]) -> str:
     return "".join(blocks)
 
 
+def _lineage_section(report: dict) -> str:
+    """The run against its parent (lost ground in red) and against prompting, in words."""
+    parts = []
+    if report.get("against_parent"):
+        lost = "".join(f"<li class='fail'>{escape(line)}</li>" for line in lost_ground_lines(report))
+        parts.append(f"<h2>Against its parent</h2><p>Parent <code>{escape(report['against_parent']['run_dir'])}</code>. "
+                     f"{escape(parent_verdict(report))}</p>{f'<ul>{lost}</ul>' if lost else ''}")
+    if report.get("against_prompting"):
+        parts.append(f"<h2>Against prompting</h2><p>{escape(prompting_line(report))}.</p>")
+    return "".join(parts)
+
+
 def render_html(report: dict, rows: list[dict]) -> str:
     overfitting = report["overfitting"]
     gates = "".join(
@@ -118,6 +138,7 @@ def render_html(report: dict, rows: list[dict]) -> str:
 chat template <code>{escape(generation['chat_template_sha'])}</code>. Hover a value for its {report.get('confidence', 0.95):.0%}
 bootstrap interval; differences are paired, with a paired permutation test (* significant).</p>
 {_metrics_table(report)}
+{_lineage_section(report)}
 {f"<h2>Gates</h2><ul>{gates}</ul>" if gates else ""}
 <h2>Loss curves</h2>{loss_curve_svg(overfitting['train_curve'], overfitting['validation_curve'])}
 <p class="{'warn' if overfitting['overfitting'] else ''}">Overfitting check: {escape(overfitting['message'])}.</p>

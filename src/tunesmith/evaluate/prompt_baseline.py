@@ -11,7 +11,7 @@ import random
 
 from tunesmith.data.template import IGNORE_INDEX, TokenizedExample, generation_prompt_ids, tokenize_example
 from tunesmith.errors import TunesmithError
-from tunesmith.types import ChatExample
+from tunesmith.types import ChatExample, ChatMessage, PreferenceExample
 
 SELECTIONS = ("similar", "random")
 
@@ -34,6 +34,20 @@ def few_shot_conversations(train_examples: list[ChatExample | dict], eval_exampl
     else:
         picks = most_similar([_request_text(m[:-1]) for m in train], [_request_text(p) for p in prompts], k)
     return [_with_shots(prompt, [train[i] for i in picked]) for prompt, picked in zip(prompts, picks)]
+
+
+def training_examples(run) -> list[ChatExample]:
+    """The run's training split as chat examples; a preference record shows its preferred (or desirable) reply."""
+    from tunesmith.data.prepare import read_preference_split, read_split
+
+    if run.data_kind == "sft":
+        return read_split(run.directory, "train")
+    shots = []
+    for record in read_preference_split(run.directory, "train"):
+        good = record.chosen if isinstance(record, PreferenceExample) else record.completion if record.label else None
+        if good is not None:
+            shots.append(ChatExample(messages=[*record.messages, ChatMessage(role="assistant", content=good)]))
+    return shots
 
 
 def most_similar(train_texts: list[str], requests: list[str], k: int) -> list[list[int]]:

@@ -1,4 +1,5 @@
-"""Rendering an evaluation report: a terminal table and markdown, every model side by side with the base."""
+"""Rendering an evaluation report: a terminal table and markdown, every model side by side with the base, and the
+run against its parent and against prompting in plain words."""
 
 from __future__ import annotations
 
@@ -59,38 +60,94 @@ def format_delta(key: str, comparison: dict, compact: bool = False) -> str:
     return f"{comparison['delta'] * scale:+.1f}{unit} [{low:+.1f}, {high:+.1f}] p={comparison['p_value']:.3g}{marker}"
 
 
-def comparison_cell(report: dict, label: str, key: str, compact: bool = False) -> str:
-    comparison = report.get("comparisons", {}).get(label, {}).get("metrics", {}).get(key)
-    if comparison:
-        return format_delta(key, comparison, compact)
+def comparison_columns(report: dict) -> list[tuple[str, str, str, dict]]:
+    """(heading, label, reference label, paired metrics) per comparison column: every model vs the base, then the
+    run vs its parent and vs the prompting baseline."""
     results = report["results"]
-    if "base" in results and key in results["base"] and key in results[label] and key not in ("seconds",):
-        difference = results[label][key] - results["base"][key]
+    columns = [(f"{label} vs base", label, "base", report.get("comparisons", {}).get(label, {}).get("metrics", {}))
+               for label in results if label != "base"] if "base" in results else []
+    parent, prompting = report.get("against_parent"), report.get("against_prompting")
+    if parent:
+        columns.append(("fine-tuned vs parent", "fine-tuned", parent["label"], parent["metrics"]))
+    if prompting:
+        columns.append(("fine-tuned vs prompt-baseline", "fine-tuned", "prompt-baseline", prompting["metrics"]))
+    return columns
+
+
+def comparison_cell(report: dict, column: tuple[str, str, str, dict], key: str, compact: bool = False) -> str:
+    """The paired difference when the metric was compared per example, else the plain difference of the two scores."""
+    _, label, reference, metrics = column
+    if key in metrics:
+        return format_delta(key, metrics[key], compact)
+    results = report["results"]
+    if key in results[reference] and key in results[label] and key not in ("seconds",):
+        difference = results[label][key] - results[reference][key]
         return f"{difference * 100:+.1f} pts" if key in PERCENT else f"{difference:+.3f}"
     return ""
 
 
-def _candidates(report: dict) -> list[str]:
-    return [label for label in report["results"] if label != "base"] if "base" in report["results"] else []
+def lost_ground_lines(report: dict) -> list[str]:
+    """Each metric where the run is significantly worse than its parent, in words."""
+    parent = report.get("against_parent")
+    if not parent:
+        return []
+    name = f" ({parent['name']})" if parent.get("name") else ""
+    return [f"lost ground against its parent{name}: {lost['metric']} {lost['parent']:.3f} -> {lost['child']:.3f} "
+            f"({_points(lost['metric'], lost['delta'])}, significant, p={lost['p_value']:.3g})"
+            for lost in parent["lost_ground"]]
+
+
+def parent_verdict(report: dict) -> str | None:
+    """One sentence on the run against its parent: what it lost, or that it lost nothing significant."""
+    parent = report.get("against_parent")
+    if not parent:
+        return None
+    if parent["lost_ground"]:
+        metrics = ", ".join(lost["metric"] for lost in parent["lost_ground"])
+        return f"The run is significantly worse than its parent on {metrics}: it lost ground."
+    return "The run is not significantly worse than its parent on any compared metric."
+
+
+def prompting_line(report: dict) -> str | None:
+    """What fine-tuning gained over prompting the base with k examples, and the prompt tokens (and cost) it saves."""
+    prompting = report.get("against_prompting")
+    if not prompting:
+        return None
+    k, metrics = prompting["examples_per_prompt"], prompting["metrics"]
+    metric = "exact_match" if "exact_match" in metrics else next(iter(metrics), None)
+    gain = ""
+    if metric:
+        comparison = metrics[metric]
+        verb = "gained" if comparison["delta"] >= 0 else "lost"
+        gain = (f"fine-tuning {verb} {_points(metric, comparison['delta'])} of {metric} over prompting with {k} "
+                f"{prompting['selection']} examples ({'significant' if comparison['significant'] else 'not significant'}, "
+                f"p={comparison['p_value']:.3g}); ")
+    return (f"{gain}it saves {prompting['extra_prompt_tokens']:.0f} prompt tokens per request, "
+            f"{prompting['cost_per_million_requests']:,.2f} per 1M requests at {prompting['prompt_token_price']:g} "
+            "per 1M prompt tokens")
+
+
+def _points(metric: str, delta: float) -> str:
+    return f"{delta * 100:+.1f} points" if metric in PERCENT or metric.startswith("field:") else f"{delta:+.3f}"
 
 
 def terminal_table(report: dict) -> Table:
-    labels, candidates = list(report["results"]), _candidates(report)
+    labels, columns = list(report["results"]), comparison_columns(report)
     table = Table(title=f"{report['run']}: {report['examples']} held-out examples "
                         f"({report.get('confidence', 0.95):.0%} paired-bootstrap intervals, * p < {1 - report.get('confidence', 0.95):.2g})")
     table.add_column("metric")
     for name in labels:
         table.add_column(name, justify="right")
-    for name in candidates:
-        table.add_column(f"{name} vs base", justify="right", no_wrap=True)
+    for column in columns:
+        table.add_column(column[0], justify="right", no_wrap=True)
     for key in metric_keys(report):
         cells = [format_value(key, report["results"][name].get(key)) for name in labels]
-        table.add_row(metric_label(key), *cells, *[comparison_cell(report, name, key, compact=True) for name in candidates])
+        table.add_row(metric_label(key), *cells, *[comparison_cell(report, column, key, compact=True) for column in columns])
     return table
 
 
 def markdown_report(report: dict, rows: list[dict] | None = None) -> str:
-    labels, candidates = list(report["results"]), _candidates(report)
+    labels, columns = list(report["results"]), comparison_columns(report)
     generation = report["generation"]
     lines = [
         f"# Evaluation: {report['run']}", "",
@@ -100,18 +157,24 @@ def markdown_report(report: dict, rows: list[dict] | None = None) -> str:
         f"chat template `{generation['chat_template_sha']}` (the one used in training).",
         f"Intervals: {report.get('confidence', 0.95):.0%} paired bootstrap over examples; p: paired permutation "
         "test; * marks a significant difference.", "",
-        "| metric | " + " | ".join(labels) + "".join(f" | {c} vs base" for c in candidates) + " |",
-        "|---|" + "---:|" * (len(labels) + len(candidates)),
+        "| metric | " + " | ".join(labels) + "".join(f" | {column[0]}" for column in columns) + " |",
+        "|---|" + "---:|" * (len(labels) + len(columns)),
     ]
     for key in metric_keys(report):
         cells = [format_value(key, report["results"][name].get(key)) for name in labels]
-        cells += [comparison_cell(report, name, key) for name in candidates]
+        cells += [comparison_cell(report, column, key) for column in columns]
         lines.append(f"| {metric_label(key)} | " + " | ".join(cells) + " |")
     for label, comparison in report.get("comparisons", {}).items():
         exact = comparison["metrics"].get("exact_match")
         if exact:
             lines += ["", f"**{label} vs base, exact match per example:** {exact['wins']} wins, {exact['losses']} losses, "
                       f"{exact['ties']} ties."]
+    if report.get("against_parent"):
+        lines += ["", "## Against its parent", "", f"Parent: `{report['against_parent']['run_dir']}`. "
+                  + parent_verdict(report)] + [f"- {line}" for line in lost_ground_lines(report)]
+    if report.get("against_prompting"):
+        sentence = prompting_line(report)
+        lines += ["", "## Against prompting", "", sentence[0].upper() + sentence[1:] + "."]
     lines += _difference_lines(report, rows or [])
     lines += ["", "## Overfitting", "", report["overfitting"]["message"] + "."]
     for label, verdict in report.get("judge", {}).items():

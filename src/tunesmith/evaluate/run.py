@@ -1,4 +1,5 @@
-"""Evaluation stage entry point: the base, the run's adapter and any candidates on the same held-out examples.
+"""Evaluation stage entry point: the base, the run's adapter, its parent, a prompting baseline and any candidates on
+the same held-out examples.
 
 Reads the run directory, writes `<run_dir>/eval/{report.json,report.md,report.html,predictions.jsonl}` and
 `manifest["evaluate"]`. Gates are checked here and reported; the CLI turns a failed gate into a non-zero exit.
@@ -16,8 +17,18 @@ from rich.progress import Progress
 from tunesmith.config import EvaluateConfig, RunConfig
 from tunesmith.data.template import end_of_turn_token_ids, template_fingerprint, tokenize_example
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate.compare import compare_models, largest_differences, mean_interval
-from tunesmith.evaluate.contenders import BASE, CHAMPION, load_contenders, switched_to
+from tunesmith.evaluate.compare import compare_models, largest_differences, lost_ground, mean_interval
+from tunesmith.evaluate.contenders import (
+    BASE,
+    CHAMPION,
+    FINE_TUNED,
+    PARENT,
+    PROMPT_BASELINE,
+    load_contenders,
+    parent_dir,
+    reference_labels,
+    switched_to,
+)
 from tunesmith.evaluate.custom_metrics import load_custom_metrics, load_json_schema
 from tunesmith.evaluate.examples import evaluation_examples
 from tunesmith.evaluate.gates import check_gates, parse_gate
@@ -26,6 +37,14 @@ from tunesmith.evaluate.generate import generate_batched
 from tunesmith.evaluate.loss import assistant_token_loss
 from tunesmith.evaluate.metrics import corpus_scores, score_examples
 from tunesmith.evaluate.overfitting import overfitting_check
+from tunesmith.evaluate.prompt_baseline import (
+    check_fits_context,
+    cost_per_million_requests,
+    extra_prompt_tokens,
+    few_shot_conversations,
+    few_shot_tokenized,
+    training_examples,
+)
 from tunesmith.evaluate.report import html_report, markdown_report
 from tunesmith.models import load_tokenizer
 from tunesmith.records import REPORT_VERSION, EvaluationReport
@@ -39,7 +58,8 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
                  champion: Path | None = None) -> dict:
     """Score every model, compare each with the base (paired bootstrap), check gates, and write the report.
 
-    `champion`: a run the gates may compare with (`exact_match >= champion + 0.02`), as a promotion does."""
+    `champion`: a run the gates may compare with (`exact_match >= champion + 0.02`), as a promotion does. The run's
+    parent (`train.init_from`) and a few-shot prompting baseline join when `evaluate` asks for them."""
     run_dir = Path(run_dir)
     run = Run.open(run_dir)
     settings = config.evaluate
@@ -51,6 +71,12 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
     if champion is None and any(rule.reference == "champion" for rule in gate_rules):
         raise TunesmithError("a gate compares with the champion, which only `tunesmith promote` evaluates; "
                              "use `base` or an absolute threshold here")
+    parent = parent_dir(run) if settings.compare_parent and run.is_trained else None
+    parent_is_champion = bool(parent and champion and parent.resolve() == Path(champion).resolve())
+    if parent is None and any(rule.reference == "parent" for rule in gate_rules):
+        raise TunesmithError(f"a gate compares with the parent, but {run_dir} has none to compare with (it was not "
+                             "trained with train.init_from, or evaluate.compare_parent is false); use `base` or an "
+                             "absolute threshold")
     run.verify_weights()
     tokenizer = load_tokenizer(run.weights_dir)  # the exact tokenizer and chat template used in training
     run.check_template(tokenizer, whose=f"the trained model in {run.weights_dir}")
@@ -61,7 +87,17 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
     tokenized = [tokenize_example(tokenizer, e.message_dicts(), config.data.max_length, e.tools)
                  for e in examples]
     stop_ids = end_of_turn_token_ids(tokenizer)
-    model, contenders = load_contenders(run, tokenizer, list(candidates), settings.compare_base, champion)
+    prompts = {False: [e.prompt_messages() for e in examples]}
+    if settings.prompt_baseline:
+        prompts[True] = few_shot_conversations(training_examples(run), examples, settings.prompt_baseline,
+                                               settings.prompt_baseline_selection, config.seed)
+    model, contenders = load_contenders(run, tokenizer, list(candidates), settings.compare_base, champion,
+                                        None if parent_is_champion else parent, bool(settings.prompt_baseline))
+    token_batches = {False: tokenized}
+    if settings.prompt_baseline:
+        check_fits_context(tokenizer, prompts[True], settings.max_new_tokens,
+                           getattr(model.config, "max_position_embeddings", None), settings.prompt_baseline)
+        token_batches[True] = few_shot_tokenized(tokenizer, prompts[True], references, [e.tools for e in examples])
     harness_manager = None
     if settings.harness.tasks:
         from tunesmith.evaluate.harness import harness_task_manager
@@ -71,22 +107,25 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
     results, per_example, outputs, general = {}, {}, {}, {}
     with Progress(transient=True) as progress:
         for contender in contenders:
+            # The prompt baseline is the base model: its general knowledge is the base's, measured once.
+            check_general = settings.general_check and not contender.few_shot
             task = progress.add_task(f"evaluate {contender.label}",
-                                     total=len(examples) + len(general_questions()) * settings.general_check)
+                                     total=len(examples) + len(general_questions()) * check_general)
             started = time.perf_counter()
             with switched_to(model, contender) as active:
-                loss = assistant_token_loss(active, tokenized, tokenizer.pad_token_id, settings.batch_size)
-                answers = generate_batched(active, tokenizer, [e.prompt_messages() for e in examples], stop_ids,
+                loss = assistant_token_loss(active, token_batches[contender.few_shot], tokenizer.pad_token_id,
+                                            settings.batch_size)
+                answers = generate_batched(active, tokenizer, prompts[contender.few_shot], stop_ids,
                                            settings.max_new_tokens, settings.batch_size,
                                            on_batch=lambda n, t=task: progress.advance(t, n),
                                            tools=[e.tools for e in examples])
                 scores = {"validation_loss": loss["loss"], "perplexity": loss["perplexity"]}
-                if settings.general_check:
+                if check_general:
                     general[contender.label] = general_check(active, tokenizer, stop_ids, settings.batch_size,
                                                              on_batch=lambda n, t=task: progress.advance(t, n))
                     scores.update(general_ppl=general[contender.label]["general_ppl"],
                                   general_qa=general[contender.label]["general_qa"])
-                if harness_manager is not None:
+                if harness_manager is not None and not contender.few_shot:
                     from tunesmith.evaluate.harness import run_harness
 
                     scores.update(run_harness(active, tokenizer, settings.harness, harness_manager, settings.batch_size))
@@ -115,10 +154,15 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
         "comparisons": _comparisons(per_example, general, settings),
         "overfitting": overfitting_check(run.trained.model_dump(mode="json"), settings.overfit_tolerance),
     }
+    parent_label = CHAMPION if parent_is_champion else PARENT
+    if parent is not None and parent_label in per_example:
+        report["against_parent"] = _against_parent(parent_label, parent, per_example, general, settings)
+    if PROMPT_BASELINE in per_example:
+        report["against_prompting"] = _against_prompting(tokenizer, prompts, per_example, general, settings)
     if settings.judge.base_url:
         report["judge"] = _judge(settings, examples, references, outputs, per_example, report["results"])
-    reference_models = {name: label for name, label in (("base", BASE), ("champion", CHAMPION)) if label in results}
-    report["gates"] = check_gates(gate_rules, report["results"], reference_models)
+    report["gates"] = check_gates(gate_rules, report["results"], reference_labels(results, parent_is_champion),
+                                  ungated=(PROMPT_BASELINE,))
     report["passed"] = all(outcome["passed"] for outcome in report["gates"])
     EvaluationReport.model_validate(report)  # the contract later stages read; a failure here is our bug
     _write(run_dir, report, examples, references, outputs, per_example, general)
@@ -148,18 +192,33 @@ def check_settings(settings: EvaluateConfig) -> None:
 def _comparisons(per_example: dict, general: dict, settings: EvaluateConfig) -> dict:
     if BASE not in per_example:
         return {}
-    comparisons = {}
-    for label, scores in per_example.items():
-        if label == BASE:
-            continue
-        metrics = compare_models(per_example[BASE], scores, settings.confidence, settings.bootstrap_samples)
-        if label in general and BASE in general:
-            metrics.update(compare_models({"general_qa": general[BASE]["per_question"]},
-                                          {"general_qa": general[label]["per_question"]},
-                                          settings.confidence, settings.bootstrap_samples))
-        comparisons[label] = {"metrics": metrics,
-                              **largest_differences(per_example[BASE], scores, settings.show_differences)}
-    return comparisons
+    return {label: {"metrics": _paired(BASE, label, per_example, general, settings),
+                    **largest_differences(per_example[BASE], scores, settings.show_differences)}
+            for label, scores in per_example.items() if label != BASE}
+
+
+def _paired(reference: str, label: str, per_example: dict, general: dict, settings: EvaluateConfig) -> dict:
+    """`label` against `reference` on every task metric, and on the general questions when both answered them."""
+    metrics = compare_models(per_example[reference], per_example[label], settings.confidence, settings.bootstrap_samples)
+    if label in general and reference in general:
+        metrics.update(compare_models({"general_qa": general[reference]["per_question"]},
+                                      {"general_qa": general[label]["per_question"]},
+                                      settings.confidence, settings.bootstrap_samples))
+    return metrics
+
+
+def _against_parent(label: str, directory: Path, per_example: dict, general: dict, settings: EvaluateConfig) -> dict:
+    metrics = _paired(label, FINE_TUNED, per_example, general, settings)
+    return {"label": label, "run_dir": str(directory), "name": Run.open(directory).name, "metrics": metrics,
+            "lost_ground": lost_ground(metrics)}
+
+
+def _against_prompting(tokenizer, prompts: dict, per_example: dict, general: dict, settings: EvaluateConfig) -> dict:
+    extra = extra_prompt_tokens(tokenizer, prompts[False], prompts[True])
+    return {"examples_per_prompt": settings.prompt_baseline, "selection": settings.prompt_baseline_selection,
+            "metrics": _paired(PROMPT_BASELINE, FINE_TUNED, per_example, general, settings),
+            "extra_prompt_tokens": round(extra, 2), "prompt_token_price": settings.prompt_token_price,
+            "cost_per_million_requests": round(cost_per_million_requests(extra, settings.prompt_token_price), 4)}
 
 
 def _judge(settings: EvaluateConfig, examples, references, outputs, per_example, results) -> dict:

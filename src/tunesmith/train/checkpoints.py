@@ -34,6 +34,10 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR / checkpoint_name(step)
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     folder = Path(run_dir) / CHECKPOINTS_DIR
@@ -59,7 +63,7 @@ def write_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, progr
                   str(staging / WEIGHTS_FILE))
         torch.save(state, staging / STATE_FILE)
         write_progress_and_config(staging, progress, config)
-    return Path(run_dir) / CHECKPOINTS_DIR / checkpoint_name(step)
+    return checkpoint_path(run_dir, step)
 
 
 def write_progress_and_config(folder: Path, progress: dict, config: dict) -> None:
@@ -72,9 +76,9 @@ def write_progress_and_config(folder: Path, progress: dict, config: dict) -> Non
 def staged_checkpoint(run_dir: Path, step: int, keep: int):
     """A temporary folder to fill with one checkpoint; when the block succeeds its files are hashed (`files.json`),
     fsynced, marked complete and renamed to `step-N`, then all but the newest `keep` are deleted."""
-    folder = Path(run_dir) / CHECKPOINTS_DIR
+    final = checkpoint_path(run_dir, step)
+    folder = final.parent
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / checkpoint_name(step)
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{final.name}.tmp-"))
     try:
         apply_umask(staging, directory=True)

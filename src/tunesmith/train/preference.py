@@ -1,12 +1,14 @@
 """Preference tuning (DPO, KTO) on TRL's trainers, from the base model or an earlier run (`train.init_from`).
 
-Read top to bottom: data -> model (as SFT builds it) -> TRL trainer -> save -> manifest.
+Read top to bottom: (resume) -> data -> model (as SFT builds it) -> TRL trainer on tunesmith's footing
+(checkpoints, safe stops, NaN guard, validation curve: trl_footing) -> save -> manifest.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tunesmith.config import RunConfig
@@ -15,13 +17,15 @@ from tunesmith.errors import TunesmithError
 from tunesmith.models import load_tokenizer
 from tunesmith.registry.run import Run
 from tunesmith.registry.run_dir import staged_dir
+from tunesmith.train.checkpoints import CHECKPOINTS_DIR, resume_point, settings_of
 from tunesmith.train.devices import pick_precision, set_cpu_threads
 from tunesmith.train.learning_rate import with_learning_rate
+from tunesmith.train.loop import LoopProgress
 from tunesmith.train.model_setup import build_training_model, trainable_parameter_counts
 from tunesmith.train.preference_data import ACCEPTED_KINDS, check_preference_kind, trl_rows
-from tunesmith.train.progress import RichProgressCallback
 from tunesmith.train.run_record import (ADAPTER_DIR, FULL_MODEL_DIR, parent_of, record_trained, train_section,
                                         weights_source)
+from tunesmith.train.trl_footing import final_evaluation, footing_arguments, footing_section, train_with_footing
 
 # TRL's evaluation metric -> the manifest's name for it (KTO logs no pairwise accuracy).
 PREFERENCE_METRICS = {
@@ -30,19 +34,24 @@ PREFERENCE_METRICS = {
 }
 
 
-def train_preference(run_dir: Path, config: RunConfig, resume: bool = False, restart: bool = False) -> dict:
-    """Train with DPO or KTO on the run's preference split; write `<run_dir>/adapter` (or `model`) and manifest `train`."""
+def train_preference(run_dir: Path, config: RunConfig, resume: bool = False, restart: bool = False,
+                     on_step: Callable[[LoopProgress, int], None] | None = None) -> dict:
+    """Train with DPO or KTO on the run's preference split; write `<run_dir>/adapter` (or `model`) and manifest `train`.
+
+    Checkpoints of an earlier attempt are continued (`resume`, exactly) or deleted (`restart`), never dropped
+    silently. `on_step(progress, total_steps)` is called after every optimizer step (a fine-tuning job reports)."""
     import torch
     from datasets import Dataset
-    from transformers import PrinterCallback, set_seed
+    from transformers import set_seed
 
     run_dir, settings = Path(run_dir), config.train
-    if resume:
-        raise TunesmithError(f"--resume works for train.method=sft only (this run uses {settings.method})")
     if settings.method not in ACCEPTED_KINDS:
         raise TunesmithError(f"train.method={settings.method} is not a preference method; choose {', '.join(ACCEPTED_KINDS)}")
     run = Run.open(run_dir)
     check_preference_kind(run, settings.method)
+    resumed_from = resume_point(run_dir, resume, restart)
+    if resumed_from:
+        settings = settings_of(resumed_from, settings)
     tokenizer = load_tokenizer(run.base_source)
     run.check_template(tokenizer)
     parent = parent_of(run, settings)
@@ -58,36 +67,42 @@ def train_preference(run_dir: Path, config: RunConfig, resume: bool = False, res
     settings = with_learning_rate(settings, model.config)
     config = config.model_copy(update={"train": settings})
     trainable, total = trainable_parameter_counts(model)
+    if not resumed_from:
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # an earlier attempt's, not this run's
     started = time.perf_counter()
     target = run_dir / (FULL_MODEL_DIR if settings.adapter == "full" else ADAPTER_DIR)
     with staged_dir(target) as staging:
         args = _trainer_arguments(config, precision, staging / "_trainer", use_cpu=not torch.cuda.is_available())
         trainer = _trainer_class(settings.method)(
-            model=model, args=args, processing_class=tokenizer, train_dataset=train_set, eval_dataset=val_set,
-            callbacks=[RichProgressCallback()])
-        trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no raw dict dumps
-        result = trainer.train()
-        train_seconds = time.perf_counter() - started
-        eval_metrics = trainer.evaluate()
+            model=model, args=args, processing_class=tokenizer, train_dataset=train_set, eval_dataset=val_set)
+        progress = train_with_footing(trainer, run_dir, settings, resumed_from, on_step)
         save_kwargs = {} if settings.adapter == "full" else {"selected_adapters": ["default"]}  # not TRL's "ref" copy
         trainer.model.save_pretrained(staging, **save_kwargs)
         tokenizer.save_pretrained(staging)
         shutil.rmtree(staging / "_trainer", ignore_errors=True)
-    tokens = trainer.state.num_input_tokens_seen
     section = {
         **train_section(config, settings, run, parent, precision, threads, (trainable, total)),
-        "metrics": {
-            "train_loss": round(result.training_loss, 4),
-            "validation_loss": round(eval_metrics["eval_loss"], 4),
-            **{name: round(eval_metrics[key], 4) for key, name in PREFERENCE_METRICS.items() if key in eval_metrics},
-            "steps": trainer.state.global_step,
-            "tokens_seen": tokens,
-            "tokens_per_second": round(tokens / train_seconds, 1),
-        },
-        "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+        **footing_section(progress, run_dir, resumed_from),
+        "processes": trainer.args.world_size,
+        "metrics": _metrics(progress, final_evaluation(trainer.state.log_history, progress)),
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
     return record_trained(run, section)
+
+
+def _metrics(progress: LoopProgress, evaluation: dict) -> dict:
+    """SFT's metric names where they apply, and the preference metrics of the kept weights' evaluation."""
+    seconds = max(progress.train_seconds, 1e-9)
+    return {
+        "train_loss": round(progress.loss_curve[-1]["loss"], 4) if progress.loss_curve else None,
+        "validation_loss": round(evaluation["eval_loss"], 4) if evaluation else None,
+        **{name: round(evaluation[key], 4) for key, name in PREFERENCE_METRICS.items() if key in evaluation},
+        "best_validation_loss": progress.best_validation and round(progress.best_validation, 4),
+        "steps": progress.step,
+        "tokens_seen": progress.tokens_seen,
+        "tokens_per_second": round(progress.tokens_seen / seconds, 1),
+        "train_seconds": round(progress.train_seconds, 1),
+    }
 
 
 def _trainer_arguments(config: RunConfig, precision: str, output_dir: Path, use_cpu: bool):
@@ -100,10 +115,9 @@ def _trainer_arguments(config: RunConfig, precision: str, output_dir: Path, use_
         num_train_epochs=train.epochs, max_steps=train.max_steps or -1, learning_rate=train.learning_rate,
         warmup_steps=train.warmup_ratio, weight_decay=train.weight_decay,
         lr_scheduler_type="constant_with_warmup" if train.lr_scheduler == "constant" else train.lr_scheduler,
-        max_grad_norm=train.max_grad_norm or 0.0, logging_steps=train.logging_steps, save_strategy="no",
-        eval_strategy="no", report_to=[], bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=use_cpu,
-        seed=config.seed, data_seed=config.seed, disable_tqdm=True, dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding",
+        max_grad_norm=train.max_grad_norm or 0.0, bf16=precision == "bf16", fp16=precision == "fp16",
+        use_cpu=use_cpu, seed=config.seed, data_seed=config.seed, dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding", **footing_arguments(train, validates=True),
         # build_training_model already applied train.gradient_checkpointing; TRL would turn it on by default.
         gradient_checkpointing=False, beta=train.preference.beta, max_length=config.data.max_length,
     )

@@ -39,7 +39,7 @@ class RichProgressCallback(TrainerCallback):
 
 
 class LoopProgressBar:
-    """A rich progress bar for tunesmith's own loop: steps, last loss, validation loss, tokens per second."""
+    """A rich progress bar over a LoopProgress (SFT's loop, TRL trainers via trl_footing): steps, losses, tok/s."""
 
     def __init__(self, total_steps: int, progress, enabled: bool = True):
         self.total_steps, self.enabled, self.start_step = total_steps, enabled, progress.step

@@ -63,6 +63,7 @@ def run_advise(settings, examples: int, shots: int, steps: int):
     from tunesmith.cli.output import console, plain
     from tunesmith.data.prepare import read_split
     from tunesmith.evaluate.advise import decide, mean, task_metric
+    from tunesmith.evaluate.prompt_baseline import cost_per_million_requests
     from tunesmith.registry.run_dir import write_json_atomic
 
     run_dir = _prepare_scratch(settings)
@@ -74,8 +75,6 @@ def run_advise(settings, examples: int, shots: int, steps: int):
     console.print(plain(f"base model: zero-shot {mean(zero_shot):.0%}, {shots}-shot {mean(few_shot):.0%} "
                         f"{task_metric(settings.evaluate)} on {len(held_out)} held-out examples"))
     curve = _learning_curve(run_dir, settings, held_out, len(train), steps)
-    from tunesmith.evaluate.prompt_baseline import cost_per_million_requests
-
     advice = decide(task_metric(settings.evaluate), mean(zero_shot), mean(few_shot), shots, curve, extra_tokens,
                     cost_per_million_requests(extra_tokens, settings.evaluate.prompt_token_price))
     write_json_atomic(run_dir / ADVICE_FILE, {**advice.as_dict(), "held_out_examples": len(held_out)})

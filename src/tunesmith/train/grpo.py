@@ -1,0 +1,157 @@
+"""GRPO with verifiable rewards on TRL's GRPOTrainer, from the base model or an earlier run (`train.init_from`).
+
+Each prompt of the run's SFT split is answered `train.grpo.num_generations` times; every answer is scored by the
+rewards in `train.grpo.rewards` against the dataset's answer, and the policy moves toward the answers that beat their
+group's mean. Read top to bottom: data -> rewards -> model (as SFT builds it) -> TRL trainer -> save -> manifest.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from tunesmith.config import RunConfig
+from tunesmith.data.prepare import read_split
+from tunesmith.errors import TunesmithError
+from tunesmith.models import load_tokenizer
+from tunesmith.registry.run import Run
+from tunesmith.registry.run_dir import staged_dir
+from tunesmith.train.devices import pick_precision, set_cpu_threads
+from tunesmith.train.learning_rate import with_learning_rate
+from tunesmith.train.model_setup import build_training_model, trainable_parameter_counts
+from tunesmith.train.progress import RichProgressCallback
+from tunesmith.train.rewards import Reward, load_rewards
+from tunesmith.train.run_record import (ADAPTER_DIR, FULL_MODEL_DIR, parent_of, record_trained, train_section,
+                                        weights_source)
+
+
+def train_grpo(run_dir: Path, config: RunConfig, resume: bool = False, restart: bool = False) -> dict:
+    """Train with GRPO on the run's SFT split; write `<run_dir>/adapter` (or `model`) and manifest `train` with the reward curve."""
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback, set_seed
+    from trl import GRPOTrainer
+
+    run_dir, settings = Path(run_dir), config.train
+    if resume:
+        raise TunesmithError("--resume works for train.method=sft only (GRPO keeps no checkpoints); "
+                             "run `tunesmith train` again without --resume to start over")
+    run = Run.open(run_dir)
+    _check_chat_data(run)
+    rewards = load_rewards(settings.grpo)
+    _check_group_size(settings)
+    tokenizer = load_tokenizer(run.base_source)
+    run.check_template(tokenizer)
+    parent = parent_of(run, settings)
+    precision = pick_precision(settings.precision)
+    threads = set_cpu_threads(settings.threads)
+    set_seed(config.seed)
+    train_set = Dataset.from_list(prompt_rows(run_dir))
+
+    # A parent's adapter is trained further; with beta > 0 TRL keeps a frozen copy of it as the reference policy.
+    model_source, parent_adapter = weights_source(run, parent, settings)
+    model = build_training_model(model_source, settings, precision, parent_adapter)
+    settings = with_learning_rate(settings, model.config)
+    config = config.model_copy(update={"train": settings})
+    trainable, total = trainable_parameter_counts(model)
+    started = time.perf_counter()
+    target = run_dir / (FULL_MODEL_DIR if settings.adapter == "full" else ADAPTER_DIR)
+    with staged_dir(target) as staging:
+        args = _trainer_arguments(config, precision, staging / "_trainer", use_cpu=not torch.cuda.is_available())
+        trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward_function(r) for r in rewards], args=args,
+                              processing_class=tokenizer, train_dataset=train_set, callbacks=[RichProgressCallback()])
+        trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no raw dict dumps
+        result = trainer.train()
+        train_seconds = time.perf_counter() - started
+        save_kwargs = {} if settings.adapter == "full" else {"selected_adapters": ["default"]}  # not TRL's "ref" copy
+        trainer.model.save_pretrained(staging, **save_kwargs)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(staging / "_trainer", ignore_errors=True)
+    curve = reward_curve(trainer.state.log_history, [r.name for r in rewards])
+    tokens = trainer.state.num_input_tokens_seen
+    section = {
+        **train_section(config, settings, run, parent, precision, threads, (trainable, total)),
+        "metrics": {
+            **reward_change(curve),
+            "train_loss": round(result.training_loss, 4),
+            "steps": trainer.state.global_step,
+            "tokens_seen": tokens,
+            "tokens_per_second": round(tokens / train_seconds, 1),
+        },
+        "reward_curve": curve,
+        "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    return record_trained(run, section)
+
+
+def prompt_rows(run_dir: Path) -> list[dict]:
+    """TRL conversational prompts: every turn before the last assistant turn, which becomes the `reference`."""
+    return [{"prompt": example.prompt_messages(), "reference": example.reference()}
+            for example in read_split(run_dir, "train")]
+
+
+def trl_reward_function(reward: Reward):
+    """`reward` in TRL's reward-function shape: a batch of completions (plus dataset columns) in, one float each out."""
+
+    def score_batch(completions: list, reference: list[str], **_) -> list[float]:
+        return [reward.score(_completion_text(c), r) for c, r in zip(completions, reference, strict=True)]
+
+    score_batch.__name__ = reward.name  # TRL logs each reward as rewards/<name>/mean
+    return score_batch
+
+
+def _completion_text(completion) -> str:
+    # Conversational prompts get the answer as a one-message list; plain-text prompts as a string.
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def reward_curve(log_history: list[dict], names: list[str]) -> list[dict]:
+    """Per logged step: the mean weighted reward, its spread, and each reward's mean."""
+    return [{"step": h["step"], "reward": round(h["reward"], 4), "reward_std": round(h["reward_std"], 4),
+             **{name: round(h[f"rewards/{name}/mean"], 4) for name in names if f"rewards/{name}/mean" in h}}
+            for h in log_history if "reward" in h]
+
+
+def reward_change(curve: list[dict]) -> dict:
+    """The mean reward of the first and last logged steps (the run's before and after)."""
+    if not curve:
+        return {}
+    before, after = curve[0]["reward"], curve[-1]["reward"]
+    return {"reward_before": before, "reward_after": after, "reward_gain": round(after - before, 4)}
+
+
+def _check_chat_data(run: Run) -> None:
+    if run.data_kind != "sft":
+        raise TunesmithError(f"{run.directory}: train.method=grpo samples answers to chat prompts, but this run was "
+                             f"prepared from {run.data_kind} data; prepare chat (messages) rows, or use "
+                             "train.method=dpo / kto for preference pairs")
+
+
+def _check_group_size(settings) -> None:
+    # TRL scores answers in groups of num_generations; a step must hold whole groups.
+    completions, group = settings.batch_size * settings.grad_accum, settings.grpo.num_generations
+    if completions % group:
+        raise TunesmithError(f"train.batch_size x train.grad_accum = {completions} answers per step is not a multiple "
+                             f"of train.grpo.num_generations={group}; set train.batch_size to a multiple of {group}")
+
+
+def _trainer_arguments(config: RunConfig, precision: str, output_dir: Path, use_cpu: bool):
+    from trl import GRPOConfig
+
+    train, grpo = config.train, config.train.grpo
+    return GRPOConfig(
+        output_dir=str(output_dir), per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum, num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1, learning_rate=train.learning_rate, warmup_steps=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        lr_scheduler_type="constant_with_warmup" if train.lr_scheduler == "constant" else train.lr_scheduler,
+        max_grad_norm=train.max_grad_norm or 0.0, logging_steps=train.logging_steps, save_strategy="no",
+        eval_strategy="no", report_to=[], bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=use_cpu,
+        seed=config.seed, data_seed=config.seed, disable_tqdm=True, dataloader_num_workers=0,
+        # build_training_model already applied train.gradient_checkpointing; TRL would turn it on by default.
+        gradient_checkpointing=False,
+        num_generations=grpo.num_generations, max_completion_length=grpo.max_completion_length,
+        temperature=grpo.temperature, beta=grpo.beta, reward_weights=grpo.reward_weights,
+    )

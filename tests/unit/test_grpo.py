@@ -1,0 +1,129 @@
+"""GRPO with verifiable rewards: each shipped reward on hand-made answers, a user's reward file, a tiny run end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from tunesmith.config import GrpoConfig, load_config
+from tunesmith.errors import TunesmithError
+from tunesmith.registry.run_dir import MANIFEST, read_json
+from tunesmith.train.grpo import train_grpo
+from tunesmith.train.rewards import SHIPPED, load_rewards
+
+ORDER = '{"item": "mug", "quantity": 3, "color": "blue", "city": "Denver"}'
+
+
+def scores(settings: GrpoConfig, completion: str, reference: str = ORDER) -> dict[str, float]:
+    return {r.name: r.score(completion, reference) for r in load_rewards(settings)}
+
+
+def test_json_rewards_score_validity_exact_match_and_shared_fields(tmp_path):
+    settings = GrpoConfig(rewards=["json_valid", "exact_match", "field_match"])
+    reordered = '{"city": "Denver", "color": "blue", "quantity": 3, "item": "mug"}'
+    assert scores(settings, f" {reordered}\n") == {"json_valid": 1.0, "exact_match": 1.0, "field_match": 1.0}
+    half_right = '{"item": "mug", "quantity": 3, "color": "red", "city": "Oslo"}'
+    assert scores(settings, half_right) == {"json_valid": 1.0, "exact_match": 0.0, "field_match": 0.5}
+    assert scores(settings, '{"item": "mug", "quantity": 3') == {"json_valid": 0.0, "exact_match": 0.0,
+                                                                 "field_match": 0.0}
+    assert scores(settings, "[1, 2]")["json_valid"] == 0.0  # one JSON object, as evaluation's json_valid
+    # A text reference: exact match compares normalized text, field_match falls back to it.
+    assert scores(settings, "Hello  World", "hello world") == {"json_valid": 0.0, "exact_match": 1.0,
+                                                               "field_match": 1.0}
+
+
+def test_schema_regex_and_length_rewards_follow_their_settings(tmp_path):
+    schema = tmp_path / "order.schema.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["item", "quantity"],
+                                  "properties": {"quantity": {"type": "integer", "minimum": 1}}}))
+    settings = GrpoConfig(rewards=["json_schema", "regex", "length"], json_schema=schema,
+                          regex=r"\{.*\}", target_length=10)
+    assert scores(settings, ORDER) == {"json_schema": 1.0, "regex": 1.0, "length": 0.0}  # 66 chars: >= twice 10
+    assert scores(settings, '{"item": 1}') == {"json_schema": 0.0, "regex": 1.0, "length": 0.9}
+    assert scores(settings, "not json!!") == {"json_schema": 0.0, "regex": 0.0, "length": 1.0}
+    # Unset target: the reference's length; half of it scores 0.5.
+    by_reference = load_rewards(GrpoConfig(rewards=["length"]))[0]
+    assert by_reference.score("x" * 5, "y" * 10) == 0.5 and by_reference.score("", "") == 1.0
+
+
+def test_user_reward_file_is_loaded_and_checked(tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text("def mentions_city(completion, reference):\n    return 'Denver' in completion\n\n"
+                    "def broken(completion, reference):\n    return 'high'\n")
+    (reward,) = load_rewards(GrpoConfig(rewards=[f"{path}:mentions_city"]))
+    assert reward.name == "mentions_city" and reward.score("to Denver", ORDER) == 1.0
+    (broken,) = load_rewards(GrpoConfig(rewards=[f"{path}:broken"]))
+    with pytest.raises(TunesmithError, match=r"^reward .*broken returned 'high'; it must return a finite number"):
+        broken.score("x", ORDER)
+    with pytest.raises(TunesmithError, match=r"^train\.grpo\.rewards: .*nowhere\.py not found"):
+        load_rewards(GrpoConfig(rewards=[f"{tmp_path}/nowhere.py:f"]))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (GrpoConfig(rewards=["json_vaild"]), "unknown reward 'json_vaild'; shipped rewards are " + ", ".join(SHIPPED)),
+    (GrpoConfig(rewards=["json_schema"]), "train.grpo.json_schema is unset"),
+    (GrpoConfig(rewards=["regex"]), "train.grpo.regex is unset"),
+    (GrpoConfig(rewards=["regex"], regex="(unclosed"), "not a valid regular expression"),
+    (GrpoConfig(rewards=["json_valid"], reward_weights=[1.0, 2.0]), "2 weights for 1 rewards"),
+    (GrpoConfig(rewards=[]), "train.grpo.rewards is empty"),
+])
+def test_bad_reward_settings_are_one_clear_error(settings, message):
+    with pytest.raises(TunesmithError, match=message.replace("(", r"\(")):
+        load_rewards(settings)
+
+
+def grpo_run(tmp_path: Path, tiny_config: Path, **train) -> tuple[Path, object]:
+    """The tiny order run prepared for GRPO: 4 prompts x 2 answers per step, short answers."""
+    from tunesmith.data.prepare import prepare
+
+    raw = yaml.safe_load(tiny_config.read_text())
+    raw["train"].update({"method": "grpo", "max_steps": 2, "learning_rate": 0.01,
+                         "grpo": {"rewards": ["json_valid", "field_match", "length"], "reward_weights": [1, 1, 0.5],
+                                  "num_generations": 2, "max_completion_length": 8}}, **train)
+    tiny_config.write_text(yaml.safe_dump(raw))
+    config = load_config(tiny_config)
+    return prepare(config), config
+
+
+def test_grpo_run_writes_an_adapter_and_records_the_reward_curve(tmp_path, tiny_config):
+    run_dir, config = grpo_run(tmp_path, tiny_config)
+    section = train_grpo(run_dir, config)
+
+    lora_b = [t for name, t in load_file(run_dir / "adapter" / "adapter_model.safetensors").items() if "lora_B" in name]
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # lora_B starts at zero: it moved
+    assert (run_dir / "adapter" / "tokenizer_config.json").is_file() and not list(run_dir.glob(".adapter.tmp-*"))
+    manifest = read_json(run_dir / MANIFEST)
+    assert manifest["train"] == json.loads(json.dumps(section))
+    assert section["method"] == "lora-grpo" and section["metrics"]["steps"] == 2
+    curve = section["reward_curve"]
+    assert [point["step"] for point in curve] == [1, 2]
+    for point in curve:  # the weighted sum TRL optimized, from the per-reward means it logged
+        assert set(point) == {"step", "reward", "reward_std", "json_valid", "field_match", "length"}
+        assert point["reward"] == pytest.approx(point["json_valid"] + point["field_match"] + 0.5 * point["length"],
+                                                abs=1e-3)
+    metrics = section["metrics"]
+    assert (metrics["reward_before"], metrics["reward_after"]) == (curve[0]["reward"], curve[-1]["reward"])
+    assert section["config"]["grpo"]["rewards"] == ["json_valid", "field_match", "length"]
+
+
+@pytest.mark.parametrize("train, resume, message", [
+    ({"grpo": {"rewards": ["json_valid", "nope"]}}, False, "unknown reward 'nope'"),
+    ({"batch_size": 3}, False, "not a multiple of train.grpo.num_generations=2"),
+    ({}, True, "--resume works for train.method=sft only"),
+])
+def test_bad_grpo_input_is_refused_before_training(tmp_path, tiny_config, train, resume, message):
+    run_dir, config = grpo_run(tmp_path, tiny_config, **train)
+    with pytest.raises(TunesmithError, match=message):
+        train_grpo(run_dir, config, resume=resume)
+    assert not (run_dir / "adapter").exists() and "train" not in read_json(run_dir / MANIFEST)
+
+
+def test_shipped_grpo_example_validates():
+    path = Path(__file__).parents[2] / "examples" / "grpo" / "config.yaml"
+    config = load_config(path)
+    assert config.train.method == "grpo" and config.data.train.is_file()
+    load_rewards(config.train.grpo)

@@ -1,4 +1,5 @@
-"""Overfitting check on the loss curves the train stage recorded in the manifest."""
+"""The one overfitting rule, on loss curves: evaluation reads the manifest's (every method records them under the same
+names); training warns by it as the curves grow (`LoopProgress.note_overfitting`)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """`python -m tunesmith.jobs.runner JOB_DIR`: one OpenAI-style fine-tuning job, start to finish, in its own process.
 
-Read top to bottom: check the files -> map the settings -> prepare -> train (resuming from the newest checkpoint of
-an earlier attempt) -> evaluate against the base -> register -> result.json. The job folder's files are described
-in jobs.records. Exit codes: 0 succeeded, 1 failed (result.json says why), 143 stopped by SIGTERM (after saving a
-checkpoint when it came during training; no result.json), 130 Ctrl-C likewise, 2 the job folder is unusable.
+Read top to bottom: check the files -> map the settings -> prepare -> train (SFT or DPO, resuming from the newest
+checkpoint of an earlier attempt) -> evaluate against the base -> register -> result.json. The job folder's files
+are described in jobs.records. Exit codes: 0 succeeded, 1 failed (result.json says why), 143 stopped by SIGTERM
+(after saving a checkpoint when it came during training; no result.json), 130 Ctrl-C likewise, 2 the job folder is
+unusable.
 """
 
 from __future__ import annotations
@@ -129,22 +130,15 @@ def _train(spec: JobSpec, folder: JobFolder, config, prepared_now: bool) -> None
     run_dir = folder.run_dir
     exporter = CheckpointExporter(Run.open(run_dir).base_source, config.train)
     reporter = TrainingReporter(folder, spec.fine_tuned_model, exporter)
-    if config.train.method == "sft":
-        _train_sft(folder, config, reporter, prepared_now)
-    else:
-        from tunesmith.train.preference import train_preference
-
-        folder.event("Fine-tuning job started" if prepared_now else
-                     "Fine-tuning job started again from step 0 (DPO training cannot resume from a checkpoint)",
-                     level="info" if prepared_now else "warn")
-        train_preference(run_dir, config)
+    _train_resuming(folder, config, reporter, prepared_now)
     reporter.report_trained(Run.open(run_dir).trained, run_dir)
 
 
-def _train_sft(folder: JobFolder, config, reporter, prepared_now: bool) -> None:
-    """SFT, continued from the newest intact checkpoint an earlier attempt of the job saved."""
+def _train_resuming(folder: JobFolder, config, reporter, prepared_now: bool) -> None:
+    """SFT or DPO, continued from the newest intact checkpoint an earlier attempt of the job saved."""
     from tunesmith.train.checkpoints import newest_intact_checkpoint
     from tunesmith.train.loop import TrainingStopped
+    from tunesmith.train.preference import train_preference
     from tunesmith.train.sft import train_sft
 
     checkpoint, _ = newest_intact_checkpoint(folder.run_dir)
@@ -153,9 +147,12 @@ def _train_sft(folder: JobFolder, config, reporter, prepared_now: bool) -> None:
     else:
         folder.event("Fine-tuning job started" if prepared_now else
                      "Fine-tuning job started again from step 0 (no checkpoint was saved before it stopped)")
+    train, on_step = train_sft, reporter.on_step
+    if config.train.method != "sft":
+        # report_trained sends DPO's per-step metrics once training is done; live, only its checkpoints
+        train, on_step = train_preference, lambda progress, total_steps: reporter.report_new_checkpoints()
     try:
-        train_sft(folder.run_dir, config, resume=checkpoint is not None, restart=checkpoint is None,
-                  on_step=reporter.on_step)
+        train(folder.run_dir, config, resume=checkpoint is not None, restart=checkpoint is None, on_step=on_step)
     except TrainingStopped:  # the stop saved one more checkpoint, as loadable as the others
         reporter.report_new_checkpoints()
         raise

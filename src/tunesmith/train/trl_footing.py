@@ -51,6 +51,9 @@ def train_with_footing(trainer, run_dir: Path, settings: TrainConfig, resumed_fr
     footing = RunFooting(Path(run_dir), settings, on_step)
     if resumed_from is not None:
         footing.restore(resumed_from)
+        # The run's own interval, not its share of the steps, so transformers sees no argument changed since then
+        state = json.loads((resumed_from / TRAINER_DIR / "trainer_state.json").read_text(encoding="utf-8"))
+        trainer.args.eval_steps = state["eval_steps"]
     trainer.add_callback(footing)
     for noisy in (PrinterCallback, ProgressCallback):  # the progress bar shows the losses
         trainer.remove_callback(noisy)

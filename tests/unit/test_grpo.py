@@ -102,11 +102,15 @@ def test_grpo_run_writes_an_adapter_and_records_the_reward_curve(tmp_path, tiny_
     curve = section["reward_curve"]
     assert [point["step"] for point in curve] == [1, 2]
     for point in curve:  # the weighted sum TRL optimized, from the per-reward means it logged
-        assert set(point) == {"step", "reward", "reward_std", "json_valid", "field_match", "length"}
+        assert {"reward", "reward_std", "json_valid", "field_match", "length", "flat_groups"} <= set(point)
+        assert 0 < point["answer_tokens"] <= 8
         assert point["reward"] == pytest.approx(point["json_valid"] + point["field_match"] + 0.5 * point["length"],
                                                 abs=1e-3)
     metrics = section["metrics"]
     assert (metrics["reward_before"], metrics["reward_after"]) == (curve[0]["reward"], curve[-1]["reward"])
+    # Held-out prompts are rewarded before and after training; the random tiny model never writes JSON.
+    assert metrics["validation_reward_before"] >= 0 and metrics["validation_reward_after"] >= 0
+    assert section["warnings"] == []  # the length reward always differs between answers
     assert section["config"]["grpo"]["rewards"] == ["json_valid", "field_match", "length"]
 
 
@@ -127,3 +131,11 @@ def test_shipped_grpo_example_validates():
     config = load_config(path)
     assert config.train.method == "grpo" and config.data.train.is_file()
     load_rewards(config.train.grpo)
+
+
+def test_rewards_that_never_differ_leave_a_warning(tmp_path, tiny_config):
+    run_dir, config = grpo_run(tmp_path, tiny_config, max_steps=1,
+                               grpo={"rewards": ["json_valid"], "num_generations": 2, "max_completion_length": 4})
+    section = train_grpo(run_dir, config)
+    assert section["reward_curve"][0]["flat_groups"] == 1.0  # 4 tokens of a random model are never a JSON object
+    assert "nothing to learn from" in section["warnings"][0]

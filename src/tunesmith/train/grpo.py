@@ -25,6 +25,9 @@ from tunesmith.train.rewards import Reward, load_rewards
 from tunesmith.train.run_record import (ADAPTER_DIR, FULL_MODEL_DIR, parent_of, record_trained, train_section,
                                         weights_source)
 
+# Held-out prompts whose sampled answers are rewarded before and after training; sampling them is the cost.
+VALIDATION_PROMPTS = 16
+
 
 def train_grpo(run_dir: Path, config: RunConfig, resume: bool = False, restart: bool = False) -> dict:
     """Train with GRPO on the run's SFT split; write `<run_dir>/adapter` (or `model`) and manifest `train` with the reward curve."""
@@ -47,7 +50,8 @@ def train_grpo(run_dir: Path, config: RunConfig, resume: bool = False, restart: 
     precision = pick_precision(settings.precision)
     threads = set_cpu_threads(settings.threads)
     set_seed(config.seed)
-    train_set = Dataset.from_list(prompt_rows(run_dir))
+    train_set = Dataset.from_list(prompt_rows(run_dir, "train"))
+    val_set = Dataset.from_list(prompt_rows(run_dir, "validation")[:VALIDATION_PROMPTS])
 
     # A parent's adapter is trained further; with beta > 0 TRL keeps a frozen copy of it as the reference policy.
     model_source, parent_adapter = weights_source(run, parent, settings)
@@ -60,10 +64,14 @@ def train_grpo(run_dir: Path, config: RunConfig, resume: bool = False, restart: 
     with staged_dir(target) as staging:
         args = _trainer_arguments(config, precision, staging / "_trainer", use_cpu=not torch.cuda.is_available())
         trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward_function(r) for r in rewards], args=args,
-                              processing_class=tokenizer, train_dataset=train_set, callbacks=[RichProgressCallback()])
+                              processing_class=tokenizer, train_dataset=train_set, eval_dataset=val_set,
+                              callbacks=[RichProgressCallback()])
         trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no raw dict dumps
+        validation_before = validation_rewards(trainer)
+        train_started = time.perf_counter()
         result = trainer.train()
-        train_seconds = time.perf_counter() - started
+        train_seconds = time.perf_counter() - train_started
+        validation_after = validation_rewards(trainer)
         save_kwargs = {} if settings.adapter == "full" else {"selected_adapters": ["default"]}  # not TRL's "ref" copy
         trainer.model.save_pretrained(staging, **save_kwargs)
         tokenizer.save_pretrained(staging)
@@ -74,22 +82,34 @@ def train_grpo(run_dir: Path, config: RunConfig, resume: bool = False, restart: 
         **train_section(config, settings, run, parent, precision, threads, (trainable, total)),
         "metrics": {
             **reward_change(curve),
+            "validation_reward_before": validation_before,
+            "validation_reward_after": validation_after,
             "train_loss": round(result.training_loss, 4),
             "steps": trainer.state.global_step,
             "tokens_seen": tokens,
             "tokens_per_second": round(tokens / train_seconds, 1),
         },
         "reward_curve": curve,
+        "warnings": flat_reward_warnings(curve),
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
     return record_trained(run, section)
 
 
-def prompt_rows(run_dir: Path) -> list[dict]:
+def prompt_rows(run_dir: Path, split: str) -> list[dict]:
     """TRL conversational prompts: every turn before the last assistant turn, which becomes the `reference`."""
     return [{"prompt": example.prompt_messages(), "reference": example.reference()}
-            for example in read_split(run_dir, "train")]
+            for example in read_split(run_dir, split)]
+
+
+def validation_rewards(trainer) -> float | None:
+    """Mean weighted reward of answers sampled for the held-out prompts, as training samples them."""
+    if not len(trainer.eval_dataset):
+        return None
+    metrics = trainer.evaluate()
+    trainer.state.log_history.pop()  # evaluate() logged it as a step; the reward curve holds training steps only
+    return round(metrics["eval_reward"], 4)
 
 
 def trl_reward_function(reward: Reward):
@@ -107,11 +127,30 @@ def _completion_text(completion) -> str:
     return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
+# TRL's logged GRPO statistics -> the reward curve's names for them.
+CURVE_STATISTICS = {
+    "reward_std": "reward_std",
+    "frac_reward_zero_std": "flat_groups",  # share of prompts whose answers all scored the same: nothing to learn
+    "completions/mean_length": "answer_tokens",
+    "completions/clipped_ratio": "clipped",  # share of answers cut at max_completion_length
+}
+
+
 def reward_curve(log_history: list[dict], names: list[str]) -> list[dict]:
-    """Per logged step: the mean weighted reward, its spread, and each reward's mean."""
-    return [{"step": h["step"], "reward": round(h["reward"], 4), "reward_std": round(h["reward_std"], 4),
-             **{name: round(h[f"rewards/{name}/mean"], 4) for name in names if f"rewards/{name}/mean" in h}}
+    """Per logged step (means over the steps since the last): the weighted reward, each reward, answer statistics."""
+    return [{"step": h["step"], "reward": round(h["reward"], 4),
+             **{name: round(h[f"rewards/{name}/mean"], 4) for name in names if f"rewards/{name}/mean" in h},
+             **{ours: round(h[theirs], 4) for theirs, ours in CURVE_STATISTICS.items() if theirs in h}}
             for h in log_history if "reward" in h]
+
+
+def flat_reward_warnings(curve: list[dict]) -> list[str]:
+    """A warning when no group of answers ever differed in reward: GRPO then has no signal and the weights stay put."""
+    if curve and all(point.get("flat_groups") == 1.0 for point in curve):
+        return ["every prompt's answers scored the same at every step, so GRPO had nothing to learn from; "
+                "pick rewards the model sometimes earns (field_match is denser than exact_match), raise "
+                "train.grpo.temperature or num_generations, or start from an SFT run (train.init_from)"]
+    return []
 
 
 def reward_change(curve: list[dict]) -> dict:
@@ -153,5 +192,6 @@ def _trainer_arguments(config: RunConfig, precision: str, output_dir: Path, use_
         # build_training_model already applied train.gradient_checkpointing; TRL would turn it on by default.
         gradient_checkpointing=False,
         num_generations=grpo.num_generations, max_completion_length=grpo.max_completion_length,
+        per_device_eval_batch_size=grpo.num_generations * max(1, train.batch_size // grpo.num_generations),
         temperature=grpo.temperature, beta=grpo.beta, reward_weights=grpo.reward_weights,
     )

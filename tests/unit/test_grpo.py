@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from tunesmith.config import GrpoConfig, load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.registry.run_dir import MANIFEST, read_json
 from tunesmith.train.grpo import train_grpo
+from tunesmith.train.loop import TrainingStopped
 from tunesmith.train.rewards import SHIPPED, load_rewards
 
 ORDER = '{"item": "mug", "quantity": 3, "color": "blue", "city": "Denver"}'
@@ -117,13 +120,30 @@ def test_grpo_run_writes_an_adapter_and_records_the_reward_curve(tmp_path, tiny_
 @pytest.mark.parametrize("train, resume, message", [
     ({"grpo": {"rewards": ["json_valid", "nope"]}}, False, "unknown reward 'nope'"),
     ({"batch_size": 3}, False, "not a multiple of train.grpo.num_generations=2"),
-    ({}, True, "--resume works for train.method=sft only"),
+    ({}, True, "--resume: .* holds no intact checkpoint"),
 ])
 def test_bad_grpo_input_is_refused_before_training(tmp_path, tiny_config, train, resume, message):
     run_dir, config = grpo_run(tmp_path, tiny_config, **train)
     with pytest.raises(TunesmithError, match=message):
         train_grpo(run_dir, config, resume=resume)
     assert not (run_dir / "adapter").exists() and "train" not in read_json(run_dir / MANIFEST)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues_the_reward_curve(tmp_path, tiny_config):
+    run_dir, config = grpo_run(tmp_path, tiny_config, max_steps=4, checkpoint_steps=2)
+
+    def terminate_during_step_2(progress, total_steps):
+        if progress.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingStopped) as stopped:
+        train_grpo(run_dir, config, on_step=terminate_during_step_2)
+    assert stopped.value.checkpoint.name == "step-00000002" and not (run_dir / "adapter").exists()
+    section = train_grpo(run_dir, config, resume=True)
+    assert section["resumed_from"] == "checkpoints/step-00000002" and section["metrics"]["steps"] == 4
+    assert [point["step"] for point in section["reward_curve"]] == [1, 2, 3, 4]  # the trainer's history came back
+    assert section["metrics"]["validation_reward_before"] is None  # the run's start is not on hand after a resume
+    assert section["validation_curve"] == [] and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_shipped_grpo_example_validates():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tunesmith.config import RunConfig
@@ -17,31 +18,37 @@ from tunesmith.errors import TunesmithError
 from tunesmith.models import load_tokenizer
 from tunesmith.registry.run import Run
 from tunesmith.registry.run_dir import staged_dir
+from tunesmith.train.checkpoints import CHECKPOINTS_DIR, resume_point, settings_of
 from tunesmith.train.devices import pick_precision, set_cpu_threads
 from tunesmith.train.learning_rate import with_learning_rate
+from tunesmith.train.loop import LoopProgress
 from tunesmith.train.model_setup import build_training_model, trainable_parameter_counts
-from tunesmith.train.progress import RichProgressCallback
 from tunesmith.train.rewards import Reward, load_rewards
 from tunesmith.train.run_record import (ADAPTER_DIR, FULL_MODEL_DIR, parent_of, record_trained, train_section,
                                         weights_source)
+from tunesmith.train.trl_footing import RunFooting, footing_arguments, footing_section, train_with_footing
 
 # Held-out prompts whose sampled answers are rewarded before and after training; sampling them is the cost.
 VALIDATION_PROMPTS = 16
 
 
-def train_grpo(run_dir: Path, config: RunConfig, resume: bool = False, restart: bool = False) -> dict:
-    """Train with GRPO on the run's SFT split; write `<run_dir>/adapter` (or `model`) and manifest `train` with the reward curve."""
+def train_grpo(run_dir: Path, config: RunConfig, resume: bool = False, restart: bool = False,
+               on_step: Callable[[LoopProgress, int], None] | None = None) -> dict:
+    """Train with GRPO on the run's SFT split; write `<run_dir>/adapter` (or `model`) and manifest `train` with the reward curve.
+
+    Checkpoints of an earlier attempt are continued (`resume`, exactly) or deleted (`restart`), never dropped
+    silently. `on_step(progress, total_steps)` is called after every optimizer step (a fine-tuning job reports)."""
     import torch
     from datasets import Dataset
     from transformers import PrinterCallback, set_seed
     from trl import GRPOTrainer
 
     run_dir, settings = Path(run_dir), config.train
-    if resume:
-        raise TunesmithError("--resume works for train.method=sft only (GRPO keeps no checkpoints); "
-                             "run `tunesmith train` again without --resume to start over")
     run = Run.open(run_dir)
     _check_chat_data(run)
+    resumed_from = resume_point(run_dir, resume, restart)
+    if resumed_from:
+        settings = settings_of(resumed_from, settings)
     rewards = load_rewards(settings.grpo)
     _check_group_size(settings)
     tokenizer = load_tokenizer(run.base_source)
@@ -59,42 +66,52 @@ def train_grpo(run_dir: Path, config: RunConfig, resume: bool = False, restart: 
     settings = with_learning_rate(settings, model.config)
     config = config.model_copy(update={"train": settings})
     trainable, total = trainable_parameter_counts(model)
+    if not resumed_from:
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # an earlier attempt's, not this run's
     started = time.perf_counter()
     target = run_dir / (FULL_MODEL_DIR if settings.adapter == "full" else ADAPTER_DIR)
     with staged_dir(target) as staging:
         args = _trainer_arguments(config, precision, staging / "_trainer", use_cpu=not torch.cuda.is_available())
         trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward_function(r) for r in rewards], args=args,
-                              processing_class=tokenizer, train_dataset=train_set, eval_dataset=val_set,
-                              callbacks=[RichProgressCallback()])
-        trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no raw dict dumps
-        validation_before = validation_rewards(trainer)
-        train_started = time.perf_counter()
-        result = trainer.train()
-        train_seconds = time.perf_counter() - train_started
+                              processing_class=tokenizer, train_dataset=train_set, eval_dataset=val_set)
+        trainer.remove_callback(PrinterCallback)  # no raw metric dicts on the terminal
+        # A resumed run's weights are loaded inside train(): before it, they are not the run's starting point.
+        validation_before = None if resumed_from else validation_rewards(trainer)
+        progress = train_with_footing(trainer, run_dir, settings, resumed_from, on_step)
+        trainer.remove_callback(RunFooting)  # GRPO's loss on held-out answers is no validation loss to record
         validation_after = validation_rewards(trainer)
         save_kwargs = {} if settings.adapter == "full" else {"selected_adapters": ["default"]}  # not TRL's "ref" copy
         trainer.model.save_pretrained(staging, **save_kwargs)
         tokenizer.save_pretrained(staging)
         shutil.rmtree(staging / "_trainer", ignore_errors=True)
     curve = reward_curve(trainer.state.log_history, [r.name for r in rewards])
-    tokens = trainer.state.num_input_tokens_seen
+    footing = footing_section(progress, run_dir, resumed_from)
     section = {
         **train_section(config, settings, run, parent, precision, threads, (trainable, total)),
+        **footing,
+        "processes": trainer.args.world_size,
         "metrics": {
             **reward_change(curve),
             "validation_reward_before": validation_before,
             "validation_reward_after": validation_after,
-            "train_loss": round(result.training_loss, 4),
-            "steps": trainer.state.global_step,
-            "tokens_seen": tokens,
-            "tokens_per_second": round(tokens / train_seconds, 1),
+            **_progress_metrics(progress),
         },
         "reward_curve": curve,
-        "warnings": flat_reward_warnings(curve),
-        "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+        "warnings": footing["warnings"] + flat_reward_warnings(curve),
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
     return record_trained(run, section)
+
+
+def _progress_metrics(progress: LoopProgress) -> dict:
+    seconds = max(progress.train_seconds, 1e-9)
+    return {
+        "train_loss": round(progress.loss_curve[-1]["loss"], 4) if progress.loss_curve else None,
+        "steps": progress.step,
+        "tokens_seen": progress.tokens_seen,
+        "tokens_per_second": round(progress.tokens_seen / seconds, 1),
+        "train_seconds": round(progress.train_seconds, 1),
+    }
 
 
 def prompt_rows(run_dir: Path, split: str) -> list[dict]:
@@ -186,9 +203,10 @@ def _trainer_arguments(config: RunConfig, precision: str, output_dir: Path, use_
         max_steps=train.max_steps or -1, learning_rate=train.learning_rate, warmup_steps=train.warmup_ratio,
         weight_decay=train.weight_decay,
         lr_scheduler_type="constant_with_warmup" if train.lr_scheduler == "constant" else train.lr_scheduler,
-        max_grad_norm=train.max_grad_norm or 0.0, logging_steps=train.logging_steps, save_strategy="no",
-        eval_strategy="no", report_to=[], bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=use_cpu,
-        seed=config.seed, data_seed=config.seed, disable_tqdm=True, dataloader_num_workers=0,
+        max_grad_norm=train.max_grad_norm or 0.0, bf16=precision == "bf16", fp16=precision == "fp16",
+        use_cpu=use_cpu, seed=config.seed, data_seed=config.seed, dataloader_num_workers=0,
+        # No periodic validation: it would sample answers (slow) to report GRPO's loss, which is no quality measure.
+        **footing_arguments(train, validates=False),
         # build_training_model already applied train.gradient_checkpointing; TRL would turn it on by default.
         gradient_checkpointing=False,
         num_generations=grpo.num_generations, max_completion_length=grpo.max_completion_length,

@@ -65,18 +65,9 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
     settings = config.evaluate
     gate_rules = [parse_gate(text) for text in [*settings.gates, *gates]]
     check_settings(settings)
-    if not settings.compare_base and any(rule.relative_to_base for rule in gate_rules):
-        raise TunesmithError("a gate compares with the base model, but evaluate.compare_base is false; "
-                             "set it to true or use absolute thresholds such as `exact_match >= 0.8`")
-    if champion is None and any(rule.reference == "champion" for rule in gate_rules):
-        raise TunesmithError("a gate compares with the champion, which only `tunesmith promote` evaluates; "
-                             "use `base` or an absolute threshold here")
     parent = parent_dir(run) if settings.compare_parent and run.is_trained else None
     parent_is_champion = bool(parent and champion and parent.resolve() == Path(champion).resolve())
-    if parent is None and any(rule.reference == "parent" for rule in gate_rules):
-        raise TunesmithError(f"a gate compares with the parent, but {run_dir} has none to compare with (it was not "
-                             "trained with train.init_from, or evaluate.compare_parent is false); use `base` or an "
-                             "absolute threshold")
+    _check_gate_references(gate_rules, settings, champion, parent, run_dir)
     run.verify_weights()
     tokenizer = load_tokenizer(run.weights_dir)  # the exact tokenizer and chat template used in training
     run.check_template(tokenizer, whose=f"the trained model in {run.weights_dir}")
@@ -87,6 +78,7 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
     tokenized = [tokenize_example(tokenizer, e.message_dicts(), config.data.max_length, e.tools)
                  for e in examples]
     stop_ids = end_of_turn_token_ids(tokenizer)
+    # Keyed by `Contender.few_shot`: every contender reads the plain prompts but the prompting baseline.
     prompts = {False: [e.prompt_messages() for e in examples]}
     if settings.prompt_baseline:
         prompts[True] = few_shot_conversations(training_examples(run), examples, settings.prompt_baseline,
@@ -187,6 +179,22 @@ def check_settings(settings: EvaluateConfig) -> None:
         raise TunesmithError("evaluate.judge.model is empty; name the model the judge endpoint serves")
     if settings.judge.base_url and not settings.compare_base:
         raise TunesmithError("the judge compares candidates with the base model; set evaluate.compare_base=true")
+
+
+def _check_gate_references(gate_rules, settings: EvaluateConfig, champion: Path | None, parent: Path | None,
+                           run_dir: Path) -> None:
+    """Every model a gate compares with will be evaluated; said before any model loads."""
+    references = {rule.reference for rule in gate_rules}
+    if not settings.compare_base and "base" in references:
+        raise TunesmithError("a gate compares with the base model, but evaluate.compare_base is false; "
+                             "set it to true or use absolute thresholds such as `exact_match >= 0.8`")
+    if champion is None and "champion" in references:
+        raise TunesmithError("a gate compares with the champion, which only `tunesmith promote` evaluates; "
+                             "use `base` or an absolute threshold here")
+    if parent is None and "parent" in references:
+        raise TunesmithError(f"a gate compares with the parent, but {run_dir} has none to compare with (it was not "
+                             "trained with train.init_from, or evaluate.compare_parent is false); use `base` or an "
+                             "absolute threshold")
 
 
 def _comparisons(per_example: dict, general: dict, settings: EvaluateConfig) -> dict:

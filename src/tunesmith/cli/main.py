@@ -14,7 +14,8 @@ app = typer.Typer(
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
 )
 
-from tunesmith.cli.data_commands import data_app  # noqa: E402 (only typer; data libraries load inside commands)
+from tunesmith.cli.advise_command import advise_command  # noqa: E402 (only typer; data libraries load inside commands)
+from tunesmith.cli.data_commands import data_app  # noqa: E402
 from tunesmith.cli.keys_command import keys_app  # noqa: E402
 from tunesmith.cli.logs_command import logs_app  # noqa: E402
 from tunesmith.cli.loop_commands import retrain_command  # noqa: E402
@@ -25,6 +26,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(registry_app, name="registry")
 app.add_typer(keys_app, name="keys", help="API keys for `tunesmith serve`: create, list, revoke, usage.")
 app.add_typer(logs_app, name="logs", help="The request log of `tunesmith serve`: export as training data, tail.")
+app.command("advise")(advise_command)
 app.command("monitor")(monitor_command)
 app.command("retrain")(retrain_command)
 app.command()(register)

@@ -99,3 +99,4 @@ def test_shipped_general_sets_load_and_score_whole_words():
     assert len(questions) >= 30 and all(q["answers"] for q in questions)
     assert mentions_answer("The capital is Paris.", ["Paris"])
     assert not mentions_answer("Parisian food", ["Paris"]) and not mentions_answer("14", ["4", "four"])
+    assert not mentions_answer("12 divided by 4 is 2.5", ["2"]) and mentions_answer("It is 2.", ["2"])

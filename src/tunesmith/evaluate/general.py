@@ -32,8 +32,10 @@ def general_questions() -> list[dict]:
 
 
 def mentions_answer(prediction: str, answers: list[str]) -> bool:
-    """True when an accepted answer appears in the prediction as whole words (case ignored)."""
-    return any(re.search(rf"(?<!\w){re.escape(answer.lower())}(?!\w)", prediction.lower()) for answer in answers)
+    """True when an accepted answer appears in the prediction as whole words (case ignored); a number must be whole
+    too, so "2" is not found in "2.5" or "1.2"."""
+    return any(re.search(rf"(?<!\w)(?<!\d\.){re.escape(answer.lower())}(?!\w)(?!\.\d)", prediction.lower())
+               for answer in answers)
 
 
 def text_perplexity(model, tokenizer, batch_size: int) -> float:

@@ -20,7 +20,8 @@ def test_general_sets_measure_the_default_model_meaningfully(shared_home):
     source = models.resolve_base_model("default")
     tokenizer, model = models.load_tokenizer(source), models.load_model(source)
     result = general_check(model, tokenizer, end_of_turn_token_ids(tokenizer), batch_size=16)
-    # SmolLM2-135M-Instruct knows most of these (0.775 when written) but not all: room to detect forgetting.
-    assert 0.6 <= result["general_qa"] < 1.0
-    assert 5 < result["general_ppl"] < 40  # 23.0 when written; a broken tokenizer or model lands far outside
+    # SmolLM2-135M-Instruct knows about half of these (0.526 of 466 when written; 0.775 of the first 40): room to
+    # detect forgetting either way.
+    assert 0.4 <= result["general_qa"] < 0.8
+    assert 5 < result["general_ppl"] < 40  # 28.1 when written; a broken tokenizer or model lands far outside
     assert any("Paris" in answer for answer in result["answers"])

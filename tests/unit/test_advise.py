@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tunesmith.cli.advise_command import advise_command
-from tunesmith.evaluate.advise import (FINE_TUNE, MIN_GAIN, MORE_DATA, PROMPT, SATURATED, CurvePoint, decide,
+from tunesmith.evaluate.advise import (FINE_TUNE, LONG_PROMPT, MIN_GAIN, MORE_DATA, PROMPT, SATURATED, CurvePoint, decide,
                                        learning_curve_fit, share_sizes)
 from tunesmith.registry.run import Run
 
@@ -48,6 +48,18 @@ def test_a_clear_gain_on_a_flat_curve_says_fine_tune_with_the_tokens_it_saves():
     assert advice.verdict == FINE_TUNE
     assert "+60 points over prompting" in advice.reason
     assert "saves 312 prompt tokens per request (46.86 per 1M requests)" in advice.reason
+
+
+def test_matching_long_few_shot_prompts_says_fine_tune_for_the_tokens_and_short_ones_say_prompt():
+    long_prompt = decide("exact_match", 0.0, 0.9, 4, curve(0.9, 0.9, 0.9), extra_prompt_tokens=LONG_PROMPT + 100)
+    assert long_prompt.verdict == FINE_TUNE and "saves 300 prompt tokens per request" in long_prompt.reason
+    short_prompt = decide("exact_match", 0.0, 0.9, 4, curve(0.9, 0.9, 0.9), extra_prompt_tokens=LONG_PROMPT - 100)
+    assert short_prompt.verdict == PROMPT
+
+
+def test_a_gain_of_exactly_the_margin_counts_despite_float_rounding():
+    assert 1.0 - 0.9 < MIN_GAIN  # why the rule rounds
+    assert decide("exact_match", 0.0, 0.9, 4, curve(1.0, 1.0, 1.0)).verdict == FINE_TUNE
 
 
 def test_a_steeply_rising_curve_below_saturation_says_gather_more_data():

@@ -9,7 +9,8 @@ Scores are the task metric in [0, 1]: `accuracy` when evaluate.labels is set, el
   doubling of the data, and it is extrapolated to twice the data.
 1. gather more data: the slope is at least STEEP_RISE per doubling, the 100% run is below SATURATED, and the curve
    extrapolated to twice the data beats prompting by MIN_GAIN (more data is the cheapest next gain).
-2. fine-tune: the 100% run beats prompting by at least MIN_GAIN.
+2. fine-tune: the 100% run beats prompting by at least MIN_GAIN; or prompting needs its k examples, they add
+   LONG_PROMPT tokens or more to every request, and the 100% run scores at least as well (it saves those tokens).
 3. prompt: otherwise; a smaller gain does not pay for training, versioning and serving an adapter (and on a few dozen
    held-out examples it is within noise). When neither scores LOW_SCORE, the advice says so: the task, the data or
    the metric needs a look first, or the short runs need more steps.
@@ -35,6 +36,8 @@ STEEP_RISE = 0.10
 SATURATED = 0.95
 """A 100% run scoring this or more has too little room left for more data to be the advice."""
 
+LONG_PROMPT = 200
+"""Extra prompt tokens per request from which a fine-tune that only matches k-shot prompting still pays for itself."""
 LOW_SCORE = 0.5
 """Below this, prompting that fine-tuning cannot beat is no success either, and the advice says so."""
 
@@ -79,12 +82,12 @@ class Advice:
 
     @property
     def few_shot_wins(self) -> bool:
-        return self.shots > 0 and self.few_shot - self.zero_shot >= MIN_GAIN
+        return self.shots > 0 and at_least(self.few_shot - self.zero_shot, MIN_GAIN)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "fine_tuned": self.fine_tuned, "prompting": self.prompting,
                 "thresholds": {"min_gain": MIN_GAIN, "steep_rise": STEEP_RISE, "saturated": SATURATED,
-                               "low_score": LOW_SCORE}}
+                               "low_score": LOW_SCORE, "long_prompt": LONG_PROMPT}}
 
 
 def task_metric(settings: EvaluateConfig) -> str:
@@ -113,11 +116,12 @@ def decide(metric: str, zero_shot: float, few_shot: float, shots: int, curve: tu
     prompting, tuned = advice.prompting, advice.fine_tuned
     how = f"prompting with {shots} examples" if advice.few_shot_wins else "prompting zero-shot"
     numbers = f"{how} scores {pct(prompting)}, fine-tuning reached {pct(tuned)} {metric}"
-    if slope >= STEEP_RISE and tuned < SATURATED and projected - prompting >= MIN_GAIN:
+    saves_long_prompt = advice.few_shot_wins and extra_prompt_tokens >= LONG_PROMPT and at_least(tuned, prompting)
+    if at_least(slope, STEEP_RISE) and tuned < SATURATED and at_least(projected - prompting, MIN_GAIN):
         verdict = MORE_DATA
         reason = (f"gather more data: the curve is still rising steeply ({points(slope)} points per doubling of the "
                   f"data; about {pct(projected)} expected with twice as much); {numbers}")
-    elif tuned - prompting >= MIN_GAIN:
+    elif at_least(tuned - prompting, MIN_GAIN) or saves_long_prompt:
         verdict = FINE_TUNE
         saving = (f", and saves {extra_prompt_tokens:.0f} prompt tokens per request ({cost_per_million:,.2f} per 1M "
                   f"requests) over {shots}-shot prompting" if shots and extra_prompt_tokens else "")
@@ -130,6 +134,11 @@ def decide(metric: str, zero_shot: float, few_shot: float, shots: int, curve: tu
             reason += (f"; but neither reaches {pct(LOW_SCORE)}: check the data and the metric, or give the short "
                        "runs more steps (--steps)")
     return replace(advice, verdict=verdict, reason=reason)
+
+
+def at_least(value: float, threshold: float) -> bool:
+    """`value >= threshold` for scores that are means of a few dozen 0/1 results (1.0 - 0.9 is 0.0999...)."""
+    return round(value, 9) >= threshold
 
 
 def pct(score: float) -> str:

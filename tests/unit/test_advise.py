@@ -10,8 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from tunesmith.cli.advise_command import advise_command
-from tunesmith.evaluate.advise import (FINE_TUNE, LONG_PROMPT, MIN_GAIN, MORE_DATA, PROMPT, SATURATED, CurvePoint, decide,
-                                       learning_curve_fit, share_sizes)
+from tunesmith.evaluate.advise import (FINE_TUNE, LONG_PROMPT, MIN_GAIN, MORE_DATA, PROMPT, SATURATED, CurvePoint,
+                                       decide, learning_curve_fit, share_sizes)
 from tunesmith.registry.run import Run
 
 
@@ -52,7 +52,8 @@ def test_a_clear_gain_on_a_flat_curve_says_fine_tune_with_the_tokens_it_saves():
 
 def test_matching_long_few_shot_prompts_says_fine_tune_for_the_tokens_and_short_ones_say_prompt():
     long_prompt = decide("exact_match", 0.0, 0.9, 4, curve(0.9, 0.9, 0.9), extra_prompt_tokens=LONG_PROMPT + 100)
-    assert long_prompt.verdict == FINE_TUNE and "saves 300 prompt tokens per request" in long_prompt.reason
+    assert long_prompt.verdict == FINE_TUNE
+    assert f"saves {LONG_PROMPT + 100} prompt tokens per request" in long_prompt.reason
     short_prompt = decide("exact_match", 0.0, 0.9, 4, curve(0.9, 0.9, 0.9), extra_prompt_tokens=LONG_PROMPT - 100)
     assert short_prompt.verdict == PROMPT
 
@@ -119,6 +120,7 @@ def test_advise_runs_end_to_end_prints_a_verdict_and_writes_the_advice(advise_co
     assert advice["extra_prompt_tokens"] > 0
     for share in ("share-25", "share-50", "share-100"):
         assert (tmp_path / "runs" / "tiny-advise" / share / "adapter" / "adapter_config.json").is_file()
+        assert Run.open(tmp_path / "runs" / "tiny-advise" / share).manifest.data.replay is None  # probes skip replay
     assert advice["reason"].split(":")[0] in result.output.replace("\n", " ")
 
 

@@ -86,7 +86,9 @@ def _prepare_scratch(settings) -> Path:
     from tunesmith.cli import output
     from tunesmith.data.prepare import prepare
 
-    run_dir = prepare(settings.model_copy(update={"name": f"{settings.name}-advise"}), overwrite=True)
+    # Replay guards a real run against forgetting; these probes only measure the task, so none is generated.
+    data = settings.data.model_copy(update={"replay": settings.data.replay.model_copy(update={"share": 0.0})})
+    run_dir = prepare(settings.model_copy(update={"name": f"{settings.name}-advise", "data": data}), overwrite=True)
     output.prepared(run_dir)
     return run_dir
 
@@ -161,7 +163,6 @@ def _share_files(run_dir: Path, sizes: list[int], seed: int, held_out: int) -> d
 
 def _train_share(run_dir: Path, settings, share: float, data_file: Path, held_out_file: Path, steps: int) -> Path:
     """Prepare and train one share's run inside the scratch run directory; returns its run directory."""
-    from tunesmith.config import ReplayConfig
     from tunesmith.data.prepare import prepare
     from tunesmith.train.loop import TrainingStopped
     from tunesmith.train.sft import train_sft
@@ -169,7 +170,7 @@ def _train_share(run_dir: Path, settings, share: float, data_file: Path, held_ou
     # The rows are already cleaned, deduplicated and weighted (repeats kept on purpose) by the scratch prepare.
     data = settings.data.model_copy(update={"train": data_file, "validation": held_out_file, "sources": [],
                                             "format": "chat", "dedup": "off", "benchmark_files": [],
-                                            "replay": ReplayConfig()})
+                                            "replay": settings.data.replay.model_copy(update={"share": 0.0})})
     adapter = settings.train.adapter if settings.train.adapter in ("lora", "dora", "qlora") else "lora"
     # One validation loss at the end, no checkpoints, from the base model: a short probe, not a run to keep.
     train = settings.train.model_copy(update={"max_steps": steps, "eval_steps": steps, "checkpoint_steps": 0,

@@ -36,7 +36,7 @@ STEEP_RISE = 0.10
 SATURATED = 0.95
 """A 100% run scoring this or more has too little room left for more data to be the advice."""
 
-LONG_PROMPT = 200
+LONG_PROMPT = 150
 """Extra prompt tokens per request from which a fine-tune that only matches k-shot prompting still pays for itself."""
 LOW_SCORE = 0.5
 """Below this, prompting that fine-tuning cannot beat is no success either, and the advice says so."""

@@ -89,7 +89,7 @@ def tiny_config(tmp_path, tiny_model_dir) -> Path:
         "data": {"train": str(data), "validation_fraction": 0.2, "max_length": 128},
         "train": {"max_steps": 4, "batch_size": 4, "logging_steps": 1, "precision": "fp32", "threads": 1,
                   "lora": {"r": 4, "alpha": 8}},
-        "evaluate": {"max_new_tokens": 8, "batch_size": 4, "json_output": True},
+        "evaluate": {"max_new_tokens": 8, "batch_size": 4, "json_output": True, "general_questions": 40},
     }
     import yaml
 

@@ -43,7 +43,7 @@ def runs(tmp_path_factory, tiny_model_dir):
 
 def test_base_run_and_candidate_side_by_side_with_intervals_and_reports(runs):
     run_dir, rival = runs
-    config = load_run_config(run_dir, FAST)
+    config = load_run_config(run_dir, [*FAST, "evaluate.general_questions=40"])
     report = evaluate_run(run_dir, config, candidates=[rival], gates=["general_ppl <= base * 100"])
 
     assert list(report["results"]) == ["base", "fine-tuned", "rival"]

@@ -79,9 +79,17 @@ def test_prepared_replay_is_trained_beside_the_task_rows_and_checked(tiny_config
         read_replay(Run.open(run_dir))
 
 
-def test_replay_is_refused_for_preference_data_and_missing_files(tiny_config, tmp_path):
+def test_a_missing_replay_file_is_refused(tiny_config, tmp_path):
     with pytest.raises(TunesmithError, match="no such file"):
         prepare(_config(tiny_config, "data.replay.share=0.2", f"data.replay.source={tmp_path / 'none.jsonl'}"))
+
+
+def test_self_distilled_replay_is_on_by_default_and_off_at_zero(tiny_config):
+    run = Run.open(prepare(_config(tiny_config)))
+    section = run.manifest.data.replay
+    assert section.source == "self_distill" and section.share == 0.25
+    assert section.rows + section.cut_answers_left_out == round(0.25 * run.manifest.data.rows["train"])
+    assert Run.open(prepare(_config(tiny_config, "data.replay.share=0"), overwrite=True)).manifest.data.replay is None
 
 
 def test_shipped_prompts_are_packaged():

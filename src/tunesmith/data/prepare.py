@@ -69,11 +69,8 @@ def _prepare_locked(config: RunConfig, overwrite: bool) -> Path:
 
 
 def _replay(config: RunConfig, base_source, tokenizer, data_section: dict, data_dir: Path) -> dict | None:
-    if not config.data.replay.share:
-        return None
-    if data_section["kind"] != "sft":
-        raise TunesmithError(f"data.replay mixes general chat rows into SFT training, but {config.data.train} holds "
-                             f"{data_section['kind']} data; set data.replay.share=0")
+    if not config.data.replay.share or data_section["kind"] != "sft":
+        return None  # preference data keeps its base through the reference model instead
     from tunesmith.data.replay import write_replay
 
     return write_replay(config, base_source, tokenizer, data_section["rows"]["train"], data_dir)

@@ -55,7 +55,7 @@ def write_replay(config: RunConfig, base_source, tokenizer, train_rows: int, dat
 def read_replay(run) -> list:
     """The replay rows a prepare wrote for this run (none when it wrote none), hash-checked against the manifest."""
     section = run.manifest.data.replay
-    if section is None:
+    if section is None or not section.rows:
         return []
     path = run.directory / section.file
     if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != section.sha256:

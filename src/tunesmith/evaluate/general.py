@@ -27,8 +27,9 @@ def general_texts() -> list[str]:
     return [row["text"] for row in _read_jsonl("text.jsonl")]
 
 
-def general_questions() -> list[dict]:
-    return _read_jsonl("questions.jsonl")
+def general_questions(limit: int | None = None) -> list[dict]:
+    """The shipped general questions, or the first `limit` of them."""
+    return _read_jsonl("questions.jsonl")[:limit]
 
 
 def mentions_answer(prediction: str, answers: list[str]) -> bool:
@@ -47,9 +48,10 @@ def text_perplexity(model, tokenizer, batch_size: int) -> float:
     return assistant_token_loss(model, examples, tokenizer.pad_token_id, batch_size)["perplexity"]
 
 
-def question_scores(model, tokenizer, stop_ids: list[int], batch_size: int, on_batch=None) -> tuple[list[float], list[str]]:
-    """Per-question correctness (1/0) on the shipped general questions, and the answers given."""
-    questions = general_questions()
+def question_scores(model, tokenizer, stop_ids: list[int], batch_size: int, on_batch=None,
+                    limit: int | None = None) -> tuple[list[float], list[str]]:
+    """Per-question correctness (1/0) on the shipped general questions (the first `limit`), and the answers given."""
+    questions = general_questions(limit)
     conversations = [[{"role": "user", "content": q["question"] + QUESTION_SUFFIX}] for q in questions]
     outputs = generate_batched(model, tokenizer, conversations, stop_ids, QUESTION_MAX_NEW_TOKENS, batch_size,
                                on_batch=on_batch)
@@ -57,8 +59,8 @@ def question_scores(model, tokenizer, stop_ids: list[int], batch_size: int, on_b
             [o.text for o in outputs])
 
 
-def general_check(model, tokenizer, stop_ids: list[int], batch_size: int, on_batch=None) -> dict:
+def general_check(model, tokenizer, stop_ids: list[int], batch_size: int, on_batch=None, limit: int | None = None) -> dict:
     """`general_ppl` (lower is better), `general_qa` (share right) and the per-question scores behind it."""
-    per_question, answers = question_scores(model, tokenizer, stop_ids, batch_size, on_batch)
+    per_question, answers = question_scores(model, tokenizer, stop_ids, batch_size, on_batch, limit)
     return {"general_ppl": text_perplexity(model, tokenizer, batch_size),
             "general_qa": sum(per_question) / len(per_question), "per_question": per_question, "answers": answers}

@@ -102,7 +102,7 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
             # The prompt baseline is the base model: its general knowledge is the base's, measured once.
             check_general = settings.general_check and not contender.few_shot
             task = progress.add_task(f"evaluate {contender.label}",
-                                     total=len(examples) + len(general_questions()) * check_general)
+                                     total=len(examples) + len(general_questions(settings.general_questions)) * check_general)
             started = time.perf_counter()
             with switched_to(model, contender) as active:
                 loss = assistant_token_loss(active, token_batches[contender.few_shot], tokenizer.pad_token_id,
@@ -114,7 +114,8 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
                 scores = {"validation_loss": loss["loss"], "perplexity": loss["perplexity"]}
                 if check_general:
                     general[contender.label] = general_check(active, tokenizer, stop_ids, settings.batch_size,
-                                                             on_batch=lambda n, t=task: progress.advance(t, n))
+                                                             on_batch=lambda n, t=task: progress.advance(t, n),
+                                                             limit=settings.general_questions)
                     scores.update(general_ppl=general[contender.label]["general_ppl"],
                                   general_qa=general[contender.label]["general_qa"])
                 if harness_manager is not None and not contender.few_shot:

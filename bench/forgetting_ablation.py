@@ -3,7 +3,7 @@
 Each variant trains the quickstart config (with overrides) for several seeds and is evaluated on the task (exact match
 on held-out examples) and on the shipped general sets (general questions, general-text perplexity); the base model is
 evaluated once. Prints a table of means over seeds, each variant's tokens trained and training time relative to the
-default's (time only means something when the machine was equally quiet for both). Results go to a JSON file as they come, so an interrupted ablation continues where it stopped.
+first variant's (time only means something when the machine was equally quiet for both). Results go to a JSON file as they come, so an interrupted ablation continues where it stopped.
 Run (under the shared bench lock; about 6 minutes per run on 2 CPU cores):
     flock /tmp/tunesmith-bench.lock .venv/bin/python bench/forgetting_ablation.py --seeds 0 1 2
 """
@@ -17,10 +17,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
-    "default": [],
+    "LoRA, no replay": ["data.replay.share=0"],
     "replay 0.25 (self-distilled)": ["data.replay.share=0.25"],
-    "lr 1e-4": ["train.learning_rate=0.0001"],
-    "rank 4, q/v only": ["train.lora.r=4", "train.lora.alpha=8", "train.lora.target_modules=[q_proj,v_proj]"],
+    "lr 1e-4, no replay": ["data.replay.share=0", "train.learning_rate=0.0001"],
+    "rank 4, q/v only, no replay": ["data.replay.share=0", "train.lora.r=4", "train.lora.alpha=8",
+                                    "train.lora.target_modules=[q_proj,v_proj]"],
 }
 
 
@@ -57,11 +58,11 @@ def table(rows: list[dict]) -> str:
     by_variant: dict[str, list[dict]] = {}
     for row in rows:
         by_variant.setdefault(row["variant"], []).append(row)
-    default_rows = by_variant.get("default", rows)
+    default_rows = next(iter(by_variant.values()))
     default_time = statistics.mean(r["train_seconds"] for r in default_rows)
     default_tokens = statistics.mean(r["tokens_seen"] for r in default_rows)
-    lines = ["| variant | seeds | exact match | general questions (vs base) | general ppl | tokens trained (x default) "
-             "| train time (x default) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | exact match | general questions (vs base) | general ppl | tokens trained (x first) "
+             "| train time (x first) |", "|---|---|---|---|---|---|---|"]
     if base:
         lines.append(f"| base model | - | {base['exact_match']:.1%} | {base['general_qa']:.1%} | "
                      f"{base['general_ppl']:.2f} | - | - |")

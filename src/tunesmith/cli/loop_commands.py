@@ -205,7 +205,7 @@ def _promote(registry, plan, version: str, alias: str, report: dict, comparison:
     `promote_version`."""
     from tunesmith.cli.output import console, plain
     from tunesmith.cli.promotion import promote_version
-    from tunesmith.evaluate.contenders import BASE, CHAMPION, FINE_TUNED
+    from tunesmith.evaluate.contenders import FINE_TUNED, reference_labels
     from tunesmith.evaluate.gates import check_gates, describe_outcome, parse_gate
     from tunesmith.registry.store import check_alias
 
@@ -215,7 +215,7 @@ def _promote(registry, plan, version: str, alias: str, report: dict, comparison:
     if holder is None or str(holder) != plan.parent.version:
         return promote_version(f"{name}@{version}", alias, [], why)
     rules = [parse_gate(text) for text in [*config.evaluate.gates, *config.registry.promote_if]]
-    references = {ref: label for ref, label in (("base", BASE), ("champion", CHAMPION)) if label in report["results"]}
+    references = reference_labels(report["results"], parent_is_champion=True)  # the parent holds the alias
     outcomes = [o for o in check_gates(rules, report["results"], references) if o["model"] == FINE_TUNED]
     for outcome in outcomes:
         console.print(plain(describe_outcome(outcome), "green" if outcome["passed"] else "bold red"))

@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from tunesmith.cli.output import console
 from tunesmith.config import load_run_config
+from tunesmith.evaluate.contenders import reference_labels
 from tunesmith.evaluate.gates import check_gates, describe_outcome, parse_gate
 from tunesmith.registry.run import EVAL_REPORT, Run
 from tunesmith.registry.store import CONTENT_TAG, Registry, check_alias
@@ -41,7 +42,7 @@ def promote_version(reference: str, alias: str, extra_gates: list[str], why: str
             console.print(f"no current holder of {name}@{alias}: skipping {', '.join(map(escape, skipped))}", highlight=False)
     evidence = _evidence(registry, name, version, champion, challenger_dir, config)
     results = evidence["results"]
-    references = {ref: label for ref, label in (("base", "base"), ("champion", "champion")) if label in results}
+    references = reference_labels(results)
     outcomes = [o for o in check_gates(rules, results, references) if o["model"] == "fine-tuned"]
     for outcome in outcomes:
         console.print(f"[{'green' if outcome['passed'] else 'bold red'}]{escape(describe_outcome(outcome))}[/]",

@@ -212,6 +212,6 @@ def _trainer_arguments(config: RunConfig, precision: str, output_dir: Path, use_
         num_generations=grpo.num_generations, max_completion_length=grpo.max_completion_length,
         per_device_eval_batch_size=grpo.num_generations * max(1, train.batch_size // grpo.num_generations),
         temperature=grpo.temperature, beta=grpo.beta, reward_weights=grpo.reward_weights,
-        # Training turned the model's KV cache off; sampling answers token by token needs it (tens of times faster).
+        # Training turned the model's KV cache off; without it every sampled token recomputes the whole answer so far.
         generation_kwargs={"use_cache": True},
     )

@@ -107,7 +107,7 @@ def train(
     restart: Annotated[bool, typer.Option("--restart", help="Delete an earlier attempt's checkpoints and start over.")] = False,
     nproc: Annotated[int, typer.Option("--nproc", help="Processes to train with (DDP via torchrun; gloo on CPU).")] = 1,
 ) -> None:
-    """Train on a prepared run directory (SFT: full, LoRA, DoRA, QLoRA; or DPO/KTO); SIGTERM saves a checkpoint."""
+    """Train on a prepared run directory (SFT: full, LoRA, DoRA, QLoRA; DPO/KTO; or GRPO); SIGTERM saves a checkpoint."""
     from tunesmith.cli import output
     from tunesmith.config import load_run_config
     from tunesmith.train.distributed import is_main_process, launch_processes, launched_world_size

@@ -58,11 +58,16 @@ def show_mask(run_dir: Path, config, count: int) -> None:
 
 def trained(run_dir: Path, section: dict) -> None:
     metrics = section["metrics"]
+    if "reward_before" in metrics:  # GRPO: its loss says nothing about quality; the reward does
+        measured = (f"reward {metrics['reward_before']} -> {metrics['reward_after']}, held-out reward "
+                    f"{metrics.get('validation_reward_before')} -> {metrics.get('validation_reward_after')}")
+    else:
+        measured = f"train loss {metrics['train_loss']}, validation loss {metrics['validation_loss']}"
     console.print(_styled(
         "trained ", "bold green",
         f"{section['method']} ({section['precision']}, {section['threads']} threads): "
-        f"{metrics['steps']} steps, train loss {metrics['train_loss']}, validation loss {metrics['validation_loss']}, "
-        f"{metrics['tokens_per_second']:,} tokens/s, {section['wall_time_s']} s -> "
+        f"{metrics['steps']} steps, {measured}, "
+        f"{metrics.get('tokens_per_second', 0):,} tokens/s, {section['wall_time_s']} s -> "
         f"{Path(run_dir) / (section.get('adapter_dir') or section['model_dir'])}"))
 
 

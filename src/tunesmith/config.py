@@ -522,24 +522,34 @@ def _resolve_data_paths(raw: dict, base: Path) -> None:
 
 
 def _resolve_evaluate_paths(raw: dict, base: Path) -> None:
-    """Schema, harness task folder and custom-metric files are relative to the YAML file's folder."""
-    section = raw.get("evaluate")
-    if not isinstance(section, dict):
-        return
+    """Schemas, harness task folder, custom-metric and reward files, and a replay file are relative to the YAML
+    file's folder."""
 
     def resolved(value: str) -> str:
         return value if Path(value).is_absolute() else str((base / value).resolve())
 
-    if isinstance(section.get("json_schema"), str):
-        section["json_schema"] = resolved(section["json_schema"])
-    harness = section.get("harness")
-    if isinstance(harness, dict) and isinstance(harness.get("include_path"), str):
-        harness["include_path"] = resolved(harness["include_path"])
-    if isinstance(section.get("custom_metrics"), list):
-        section["custom_metrics"] = [
-            resolved(ref.rpartition(":")[0]) + ":" + ref.rpartition(":")[2]
-            if isinstance(ref, str) and ref.rpartition(":")[0].endswith(".py") else ref
-            for ref in section["custom_metrics"]]
+    def resolve_refs(section: dict, key: str) -> None:  # `file.py:name` entries; `module:name` stays as it is
+        if isinstance(section.get(key), list):
+            section[key] = [resolved(ref.rpartition(":")[0]) + ":" + ref.rpartition(":")[2]
+                            if isinstance(ref, str) and ref.rpartition(":")[0].endswith(".py") else ref
+                            for ref in section[key]]
+
+    section = raw.get("evaluate")
+    if isinstance(section, dict):
+        if isinstance(section.get("json_schema"), str):
+            section["json_schema"] = resolved(section["json_schema"])
+        harness = section.get("harness")
+        if isinstance(harness, dict) and isinstance(harness.get("include_path"), str):
+            harness["include_path"] = resolved(harness["include_path"])
+        resolve_refs(section, "custom_metrics")
+    grpo = (raw.get("train") or {}).get("grpo") if isinstance(raw.get("train"), dict) else None
+    if isinstance(grpo, dict):
+        if isinstance(grpo.get("json_schema"), str):
+            grpo["json_schema"] = resolved(grpo["json_schema"])
+        resolve_refs(grpo, "rewards")
+    replay = (raw.get("data") or {}).get("replay") if isinstance(raw.get("data"), dict) else None
+    if isinstance(replay, dict) and isinstance(replay.get("source"), str) and replay["source"] != "self_distill":
+        replay["source"] = resolved(replay["source"])
 
 
 def option_rows(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -160,6 +160,21 @@ def test_relative_data_paths_resolve_against_the_yaml_folder(tmp_path, monkeypat
     assert config.data.validation == (project / "val.jsonl").resolve()
 
 
+def test_reward_schema_reward_files_and_replay_file_resolve_against_the_yaml_folder(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    path = write_yaml(project / "config.yaml", {
+        "data": {"train": "t.jsonl", "replay": {"source": "general.jsonl"}},
+        "train": {"method": "grpo", "grpo": {"rewards": ["json_valid", "mine.py:score", "pkg.mod:score"],
+                                              "json_schema": "schema.json"}}})
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path)
+    assert config.data.replay.source == (project / "general.jsonl").resolve()
+    assert config.train.grpo.json_schema == (project / "schema.json").resolve()
+    assert config.train.grpo.rewards == ["json_valid", f"{(project / 'mine.py').resolve()}:score", "pkg.mod:score"]
+    assert load_config(path, ["data.replay.source=self_distill"]).data.replay.source == "self_distill"
+
+
 def test_absolute_data_paths_are_kept(tmp_path):
     target = tmp_path / "abs" / "train.jsonl"
     (tmp_path / "sub").mkdir()

@@ -17,15 +17,13 @@ from tunesmith.errors import TunesmithError
 from tunesmith.models import load_tokenizer
 from tunesmith.registry.run import Run
 from tunesmith.registry.run_dir import staged_dir
-from tunesmith.train.checkpoints import CHECKPOINTS_DIR, resume_point, settings_of
+from tunesmith.train.checkpoints import resume_point, settings_of
 from tunesmith.train.devices import pick_precision, set_cpu_threads
-from tunesmith.train.learning_rate import with_learning_rate
 from tunesmith.train.loop import LoopProgress
-from tunesmith.train.model_setup import build_training_model, trainable_parameter_counts
 from tunesmith.train.preference_data import ACCEPTED_KINDS, check_preference_kind, trl_rows
-from tunesmith.train.run_record import (ADAPTER_DIR, FULL_MODEL_DIR, parent_of, record_trained, train_section,
-                                        weights_source)
-from tunesmith.train.trl_footing import final_evaluation, footing_arguments, footing_section, train_with_footing
+from tunesmith.train.run_record import ADAPTER_DIR, FULL_MODEL_DIR, parent_of, record_trained, train_section
+from tunesmith.train.trl_footing import (final_evaluation, footing_arguments, footing_section, train_with_footing,
+                                         trl_training_model)
 
 # TRL's evaluation metric -> the manifest's name for it (KTO logs no pairwise accuracy).
 PREFERENCE_METRICS = {
@@ -62,13 +60,8 @@ def train_preference(run_dir: Path, config: RunConfig, resume: bool = False, res
     val_set = Dataset.from_list(trl_rows(read_preference_split(run_dir, "validation")))
 
     # A parent's adapter is trained further, and TRL keeps a frozen copy of it as the reference policy.
-    model_source, parent_adapter = weights_source(run, parent, settings)
-    model = build_training_model(model_source, settings, precision, parent_adapter)
-    settings = with_learning_rate(settings, model.config)
-    config = config.model_copy(update={"train": settings})
-    trainable, total = trainable_parameter_counts(model)
-    if not resumed_from:
-        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # an earlier attempt's, not this run's
+    model, config, (trainable, total) = trl_training_model(run, parent, config, precision, resumed_from)
+    settings = config.train
     started = time.perf_counter()
     target = run_dir / (FULL_MODEL_DIR if settings.adapter == "full" else ADAPTER_DIR)
     with staged_dir(target) as staging:

@@ -204,3 +204,21 @@ def _trainable(model) -> dict:
 
 def _on_cpu(weights: dict) -> dict:
     return {name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}
+
+
+def trl_training_model(run, parent, config, precision: str, resumed_from: Path | None):
+    """The model a TRL trainer trains (a parent's adapter trained further), the config with its learning rate filled
+    in, and (trainable, total) parameters; an earlier attempt's checkpoints go unless this run resumes from them."""
+    import shutil
+
+    from tunesmith.train.checkpoints import CHECKPOINTS_DIR
+    from tunesmith.train.learning_rate import with_learning_rate
+    from tunesmith.train.model_setup import build_training_model, trainable_parameter_counts
+    from tunesmith.train.run_record import weights_source
+
+    model_source, parent_adapter = weights_source(run, parent, config.train)
+    model = build_training_model(model_source, config.train, precision, parent_adapter)
+    config = config.model_copy(update={"train": with_learning_rate(config.train, model.config)})
+    if not resumed_from:
+        shutil.rmtree(run.directory / CHECKPOINTS_DIR, ignore_errors=True)  # an earlier attempt's, not this run's
+    return model, config, trainable_parameter_counts(model)

@@ -219,6 +219,10 @@ class EvaluateConfig(_Section):
     """Generation budget per answer; answers that hit it count as 'did not stop'."""
     batch_size: int = 16
     """Prompts generated together (left-padded batch with KV cache)."""
+    temperature: float = Field(0.0, ge=0)
+    """0: greedy answers. Above 0: task answers are sampled at this temperature, as a client sending it would get them (the OpenAI API's default is 1); every model draws the same seeded random numbers, so comparisons stay paired. General questions stay greedy."""
+    samples: int = Field(1, ge=1)
+    """Answers sampled per example when temperature > 0; an example's score is the mean over them (the share that was right)."""
     json_output: bool = False
     """The task answers in JSON: report JSON validity, per-field accuracy, and compare parsed objects for exact match."""
     json_schema: Path | None = None

@@ -14,7 +14,7 @@ import typer
 
 from tunesmith.cli.output import plain
 
-data_app = typer.Typer(help="Data stage: inspect files, prepare (validate, clean, dedup, split, card), pre-flight check.",
+data_app = typer.Typer(help="Data stage: inspect files, prepare (validate, clean, dedup, split, card), pre-flight check, mine preference pairs.",
                        no_args_is_help=True)
 
 
@@ -136,3 +136,40 @@ def _check(run_dir: Path, against: list[Path], examples: int | None) -> None:
 from tunesmith.cli.loop_commands import from_logs_command  # noqa: E402 (only typer at import time)
 
 data_app.command("from-logs")(from_logs_command)
+
+
+@data_app.command("mine-pairs")
+def mine_pairs(
+    run_dir: Annotated[Path, typer.Argument(help="A trained SFT run directory (its training prompts are asked again).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Preference JSONL file to write (prompt/chosen/rejected).")],
+    samples: Annotated[int, typer.Option(help="Answers sampled per training prompt.")] = 4,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (1.0: what a client with default settings gets).")] = 1.0,
+    max_prompts: Annotated[Optional[int], typer.Option(help="Ask at most this many training prompts (default: all).")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed (the same seed gives the same pairs).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts answered together.")] = 16,
+) -> None:
+    """Preference pairs from the model's own mistakes: sample its answers to its training prompts, keep the reference
+    as chosen and its most frequent wrong answer as rejected. Train DPO on them with train.init_from=RUN_DIR."""
+    with user_errors():
+        _mine_pairs(run_dir, out, samples, temperature, max_prompts, seed, batch_size)
+
+
+def _mine_pairs(run_dir: Path, out: Path, samples: int, temperature: float, max_prompts: int | None, seed: int,
+                batch_size: int) -> None:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from tunesmith.evaluate.mined_pairs import mine_pairs as mine
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("sampling answers", total=max_prompts)
+        mined = mine(run_dir, out, samples, temperature, max_prompts, seed, batch_size,
+                     on_progress=lambda n: progress.advance(task, n))
+    console = Console(highlight=False)
+    console.print(plain(f"wrote {mined.pairs:,} pairs to {out}: {mined.prompts:,} training prompts x {mined.samples} "
+                        f"samples at temperature {temperature}, {mined.error_rate:.1%} of answers wrong"
+                        + (f"; {mined.skipped_with_tools:,} prompts with tools skipped" if mined.skipped_with_tools else "")))
+    for example in mined.examples:
+        console.print(plain(f"  {example['prompt'][:70]!r}\n    chosen   {example['reference'][:90]}\n"
+                            f"    rejected {example['mistake'][:90]}"))
+    console.print(plain(f"next: point a DPO config's data.train at {out} and run it with train.init_from={run_dir}"))

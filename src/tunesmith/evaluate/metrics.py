@@ -123,6 +123,17 @@ def score_examples(generations: list[Generation], references: list[str], setting
     return {name: [row.get(name, 0.0) for row in rows] for name in names}
 
 
+def score_samples(samples: list[list[Generation]], references: list[str], settings: EvaluateConfig) -> dict[str, list[float]]:
+    """Like `score_examples` when each example has several sampled answers: an example's score is their mean."""
+    per_sample = [score_examples([choices[j] for choices in samples], references, settings)
+                  for j in range(max((len(choices) for choices in samples), default=1))]
+    if len(per_sample) == 1:
+        return per_sample[0]
+    names = dict.fromkeys(name for scores in per_sample for name in scores)
+    return {name: [sum(scores[name][i] if name in scores else 0.0 for scores in per_sample) / len(per_sample)
+                   for i in range(len(references))] for name in names}
+
+
 def corpus_scores(generations: list[Generation], references: list[str], settings: EvaluateConfig) -> dict[str, float]:
     """Metrics that are not a mean over examples: classification macro-F1 over the configured label set."""
     if not settings.labels:

@@ -33,9 +33,8 @@ from tunesmith.evaluate.custom_metrics import load_custom_metrics, load_json_sch
 from tunesmith.evaluate.examples import evaluation_examples
 from tunesmith.evaluate.gates import check_gates, parse_gate
 from tunesmith.evaluate.general import general_check, general_questions
-from tunesmith.evaluate.generate import generate_batched
 from tunesmith.evaluate.loss import assistant_token_loss
-from tunesmith.evaluate.metrics import corpus_scores, score_examples
+from tunesmith.evaluate.metrics import corpus_scores, score_samples
 from tunesmith.evaluate.overfitting import overfitting_check
 from tunesmith.evaluate.prompt_baseline import (
     check_fits_context,
@@ -46,6 +45,7 @@ from tunesmith.evaluate.prompt_baseline import (
     training_examples,
 )
 from tunesmith.evaluate.report import html_report, markdown_report
+from tunesmith.generation.batch_generate import sample_batched
 from tunesmith.models import load_tokenizer
 from tunesmith.records import REPORT_VERSION, EvaluationReport
 from tunesmith.registry.run import Run
@@ -107,10 +107,12 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
             with switched_to(model, contender) as active:
                 loss = assistant_token_loss(active, token_batches[contender.few_shot], tokenizer.pad_token_id,
                                             settings.batch_size)
-                answers = generate_batched(active, tokenizer, prompts[contender.few_shot], stop_ids,
-                                           settings.max_new_tokens, settings.batch_size,
-                                           on_batch=lambda n, t=task: progress.advance(t, n),
-                                           tools=[e.tools for e in examples])
+                samples = sample_batched(active, tokenizer, prompts[contender.few_shot], stop_ids,
+                                         settings.max_new_tokens, settings.batch_size,
+                                         on_batch=lambda n, t=task: progress.advance(t, n),
+                                         tools=[e.tools for e in examples], temperature=settings.temperature,
+                                         samples=settings.samples, seed=config.seed)
+                answers = [choices[0] for choices in samples]
                 scores = {"validation_loss": loss["loss"], "perplexity": loss["perplexity"]}
                 if check_general:
                     general[contender.label] = general_check(active, tokenizer, stop_ids, settings.batch_size,
@@ -122,7 +124,7 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
                     from tunesmith.evaluate.harness import run_harness
 
                     scores.update(run_harness(active, tokenizer, settings.harness, harness_manager, settings.batch_size))
-            per_example[contender.label] = score_examples(answers, references, settings)
+            per_example[contender.label] = score_samples(samples, references, settings)
             means = {name: sum(v) / len(v) for name, v in per_example[contender.label].items()}
             means["mean_new_tokens"] = means.pop("new_tokens")
             results[contender.label] = {**means, **corpus_scores(answers, references, settings), **scores,
@@ -136,7 +138,8 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
         "models": {c.label: {"adapter": c.adapter_name is not None, "full_fine_tune": c.model is not None,
                              "run_dir": str(c.run_dir) if c.run_dir else None}
                    for c in contenders},
-        "generation": {"do_sample": False, "max_new_tokens": settings.max_new_tokens, "stop_token_ids": stop_ids,
+        "generation": {"do_sample": bool(settings.temperature), "temperature": settings.temperature,
+                       "samples": settings.samples if settings.temperature else 1, "max_new_tokens": settings.max_new_tokens, "stop_token_ids": stop_ids,
                        "batch_size": settings.batch_size, "chat_template_sha": template_fingerprint(tokenizer)},
         "results": {label: {k: round(v, 4) for k, v in scores.items()} for label, scores in results.items()},
         "intervals": {label: {name: [round(x, 4) for x in mean_interval(values, settings.confidence,
@@ -267,7 +270,12 @@ def _prediction_rows(examples, references, outputs: dict, per_example: dict) -> 
         for label, answers in outputs.items():
             scores = per_example[label]
             row[label] = {"text": answers[index].text, "stopped": answers[index].stopped,
-                          "exact_match": bool(scores["exact_match"][index]),
+                          "exact_match": _shown(scores["exact_match"][index]),
                           "token_f1": round(scores["token_f1"][index], 4)}
         rows.append(row)
     return rows
+
+
+def _shown(score: float) -> bool | float:
+    """A greedy answer is right or wrong; with several samples per example, the share of them that was right."""
+    return bool(score) if score in (0.0, 1.0) else round(score, 4)

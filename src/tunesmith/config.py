@@ -219,6 +219,8 @@ class EvaluateConfig(_Section):
     """Generation budget per answer; answers that hit it count as 'did not stop'."""
     batch_size: int = 16
     """Prompts generated together (left-padded batch with KV cache)."""
+    test_file: str | None = None
+    """Held-out chat file to evaluate on instead of the run's own validation split, or `parent`: the validation split of the run this one continued from (`train.init_from`), e.g. for DPO on pairs mined from the parent's training prompts."""
     temperature: float = Field(0.0, ge=0)
     """0: greedy answers. Above 0: task answers are sampled at this temperature, as a client sending it would get them (the OpenAI API's default is 1); every model draws the same seeded random numbers, so comparisons stay paired. General questions stay greedy."""
     samples: int = Field(1, ge=1)
@@ -542,6 +544,11 @@ def _resolve_evaluate_paths(raw: dict, base: Path) -> None:
     if isinstance(section, dict):
         if isinstance(section.get("json_schema"), str):
             section["json_schema"] = resolved(section["json_schema"])
+        test_file = section.get("test_file")
+        if isinstance(test_file, str) and test_file != "parent" and not Path(test_file).is_absolute():
+            beside_yaml = base / test_file  # like data files: the working directory where that is what exists
+            section["test_file"] = str((beside_yaml if beside_yaml.exists() or not Path(test_file).exists()
+                                        else Path(test_file)).resolve())
         harness = section.get("harness")
         if isinstance(harness, dict) and isinstance(harness.get("include_path"), str):
             harness["include_path"] = resolved(harness["include_path"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from typer.testing import CliRunner
 
 from tunesmith.cli.main import app
@@ -13,7 +14,9 @@ from tunesmith.data.formats import read_examples
 from tunesmith.data.prepare import read_split
 from tunesmith.evaluate.metrics import is_exact_match, score_samples
 from tunesmith.evaluate.run import evaluate_run
+from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.generate import Generation
+from tunesmith.evaluate.mined_pairs import mine_pairs
 from tunesmith.types import PreferenceExample
 
 
@@ -81,3 +84,38 @@ def test_sampled_evaluation_is_paired_and_repeatable(two_versions, tmp_path):
     greedy = evaluate_run(run_dir, load_run_config(run_dir, ["evaluate.max_examples=6"]))
     assert greedy["generation"]["do_sample"] is False
 
+
+
+def test_dpo_on_mined_pairs_is_judged_on_its_parents_held_out_examples(two_versions, tmp_path):
+    import yaml
+
+    from tunesmith.config import load_config
+    from tunesmith.data.prepare import prepare
+    from tunesmith.train.preference import train_preference
+
+    parent = shutil.copytree(two_versions[0], tmp_path / "parent")
+    pairs = tmp_path / "pairs.jsonl"
+    mine_pairs(parent, pairs, samples=2, temperature=1.0)
+    config_path = tmp_path / "dpo.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "name": "child", "base_model": load_run_config(parent).base_model, "output_dir": str(tmp_path / "runs"),
+        "data": {"train": "pairs.jsonl", "validation_fraction": 0.25, "max_length": 128},
+        "train": {"method": "dpo", "max_steps": 2, "batch_size": 2, "precision": "fp32", "threads": 1,
+                  "init_from": str(parent), "lora": {"r": 4, "alpha": 8}},
+        "evaluate": {"test_file": "parent", "max_new_tokens": 8, "batch_size": 4, "json_output": True,
+                     "general_check": False, "bootstrap_samples": 50}}))
+    config = load_config(config_path)
+    run_dir = prepare(config)
+    train_preference(run_dir, config)
+    report = evaluate_run(run_dir, config)
+    held_out = [e.messages[-2].content for e in read_split(parent, "validation")]
+    predictions = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in predictions] == held_out
+    assert {"base", "parent", "fine-tuned"} <= set(report["results"])
+
+    missing = load_config(config_path, [f"evaluate.test_file={tmp_path / 'absent.jsonl'}"])
+    with pytest.raises(TunesmithError, match="does not exist"):
+        evaluate_run(run_dir, missing)
+    orphan = load_config(config_path, ["train.init_from=null"])
+    with pytest.raises(TunesmithError, match="did not continue from another run"):
+        evaluate_run(shutil.copytree(two_versions[1], tmp_path / "orphan"), orphan)

@@ -71,7 +71,7 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
     run.verify_weights()
     tokenizer = load_tokenizer(run.weights_dir)  # the exact tokenizer and chat template used in training
     run.check_template(tokenizer, whose=f"the trained model in {run.weights_dir}")
-    examples = evaluation_examples(run)[: settings.max_examples]
+    examples = evaluation_examples(run, settings.test_file)[: settings.max_examples]
     if not examples:
         raise TunesmithError(f"{run_dir}: the validation split is empty; raise data.validation_fraction or give data.validation")
     references = [e.reference() for e in examples]

@@ -164,8 +164,14 @@ def test_a_dpo_job_in_openai_dpo_format_succeeds(tmp_path, tiny_model_dir):
     assert main([str(job_dir)]) == 0
     result = _result(job_dir)
     assert result.status == "succeeded" and result.registry_reference == "ftjob-dpo@1"
-    assert [e.data["step"] for e in _events(job_dir) if e.type == "metrics"]
-    assert json.loads((job_dir / "run" / "manifest.json").read_text())["train"]["config"]["preference"]["beta"] == 0.2
+    # Each step reported once, as it ended (before the finished model became the last checkpoint).
+    events = _events(job_dir)
+    steps = [e.data["step"] for e in events if e.type == "metrics"]
+    manifest = json.loads((job_dir / "run" / "manifest.json").read_text())
+    assert steps == list(range(1, int(manifest["train"]["metrics"]["steps"]) + 1))
+    last_metrics = max(i for i, e in enumerate(events) if e.type == "metrics")
+    assert last_metrics < next(i for i, e in enumerate(events) if "Checkpoint created" in e.message)
+    assert manifest["train"]["config"]["preference"]["beta"] == 0.2
     assert Path(_checkpoints(job_dir)[-1].path, "adapter", "adapter_config.json").is_file()
 
 

@@ -147,12 +147,11 @@ def _train_resuming(folder: JobFolder, config, reporter, prepared_now: bool) -> 
     else:
         folder.event("Fine-tuning job started" if prepared_now else
                      "Fine-tuning job started again from step 0 (no checkpoint was saved before it stopped)")
-    train, on_step = train_sft, reporter.on_step
-    if config.train.method != "sft":
-        # report_trained sends DPO's per-step metrics once training is done; live, only its checkpoints
-        train, on_step = train_preference, lambda progress, total_steps: reporter.report_new_checkpoints()
+    # SFT's loop and TRL's trainer (on the same footing) both report each step as it ends: metrics live, checkpoints
+    train = train_sft if config.train.method == "sft" else train_preference
     try:
-        train(folder.run_dir, config, resume=checkpoint is not None, restart=checkpoint is None, on_step=on_step)
+        train(folder.run_dir, config, resume=checkpoint is not None, restart=checkpoint is None,
+              on_step=reporter.on_step)
     except TrainingStopped:  # the stop saved one more checkpoint, as loadable as the others
         reporter.report_new_checkpoints()
         raise

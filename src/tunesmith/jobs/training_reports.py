@@ -30,7 +30,7 @@ class TrainingReporter:
         self.reported = folder.reported_checkpoint_steps()
 
     def on_step(self, progress, total_steps: int) -> None:
-        """After each SFT step: any checkpoint training wrote after the step before, then this step's metrics."""
+        """After each training step: any checkpoint training wrote after the step before, then this step's metrics."""
         self.report_new_checkpoints()
         self.folder.metrics(step_metrics(progress.step, total_steps, progress.loss_curve, progress.validation_curve,
                                          progress.tokens_seen))
@@ -45,13 +45,10 @@ class TrainingReporter:
             self._report(progress["step"], exported, progress["loss_curve"], progress["validation_curve"])
 
     def report_trained(self, trained: TrainSection, run_dir: Path) -> None:
-        """The finished model as the job's last checkpoint, and (for trainers without a per-step hook) every step."""
+        """The finished model as the job's last checkpoint."""
         steps = int(trained.metrics.get("steps") or 0)
         losses = [point.model_dump() for point in trained.loss_curve]
         validation = [point.model_dump() for point in trained.validation_curve]
-        if trained.method.endswith("-dpo"):  # TRL's trainer reports when it is done, not step by step
-            for point in losses:
-                self.folder.metrics(step_metrics(point["step"], steps, losses, validation, None))
         if steps not in self.reported:
             exported = self.exporter.copy_trained(run_dir / trained.weights_subdir, self._exported(steps))
             self._report(steps, exported, losses, validation)

@@ -46,11 +46,14 @@ def child_run(seed: int, parent: Path, output_dir: Path, args) -> dict:
     from tunesmith.registry.run import Run
     from tunesmith.train.preference import train_preference
 
-    pairs = output_dir / f"mined-s{seed}.jsonl"
-    started = time.perf_counter()
-    mined = mine_pairs(parent, pairs, samples=args.mine_samples, temperature=1.0, max_prompts=args.mine_prompts,
-                       seed=seed)
-    mine_seconds = time.perf_counter() - started
+    pairs, stats = output_dir / f"mined-s{seed}.jsonl", output_dir / f"mined-s{seed}.stats.json"
+    if not (pairs.is_file() and stats.is_file()):  # mining is the slow part: done once per parent
+        started = time.perf_counter()
+        mined = mine_pairs(parent, pairs, samples=args.mine_samples, temperature=1.0, max_prompts=args.mine_prompts,
+                           seed=seed)
+        stats.write_text(json.dumps({"pairs": mined.pairs, "error_rate": mined.error_rate,
+                                     "seconds": time.perf_counter() - started}))
+    mined = json.loads(stats.read_text())
     overrides = [f"seed={seed}", f"name=dpo-s{seed}", f"output_dir={output_dir}", f"data.train={pairs}",
                  f"train.init_from={parent}", f"evaluate.max_examples={args.examples}", "evaluate.bootstrap_samples=500",
                  *args.override]
@@ -66,7 +69,7 @@ def child_run(seed: int, parent: Path, output_dir: Path, args) -> dict:
     sampled = evaluate_run(run_dir, load_config(ROOT / "examples/preference/config.yaml", [
         *overrides, base, "evaluate.temperature=1.0", f"evaluate.samples={args.eval_samples}",
         "evaluate.general_check=false"]))
-    row = {"seed": seed, "pairs": mined.pairs, "mined_error_rate": mined.error_rate, "mine_seconds": mine_seconds,
+    row = {"seed": seed, "pairs": mined["pairs"], "mined_error_rate": mined["error_rate"], "mine_seconds": mined["seconds"],
            "dpo_seconds": dpo_seconds, "train_steps": Run.open(run_dir).trained.metrics.get("global_step")}
     for label in MODELS:
         if label in greedy["results"]:
@@ -92,9 +95,10 @@ def table(rows: list[dict]) -> str:
             return f"{statistics.mean(values):.1%}" if values else "-"
         lines.append(f"| {label} | {len(group)} | {mean('exact_match')} | {mean('sampled_exact_match')} | "
                      f"{mean('sampled_json_valid')} | {mean('general_qa')} |")
-    pairs = statistics.mean(r["pairs"] for r in rows)
-    lines.append(f"\nmined pairs per seed {pairs:.0f} (parent wrong on {statistics.mean(r['mined_error_rate'] for r in rows):.1%}"
-                 f" of sampled answers to its training prompts)")
+    rates = [r["mined_error_rate"] for r in rows if r.get("mined_error_rate") is not None]
+    lines.append(f"\nmined pairs per seed: {', '.join(str(r['pairs']) for r in rows)}"
+                 + (f" (parents wrong on {statistics.mean(rates):.1%} of sampled answers to their training prompts)"
+                    if rates else ""))
     return "\n".join(lines)
 
 

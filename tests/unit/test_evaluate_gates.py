@@ -8,7 +8,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.gates import check_gates, describe_outcome, parse_gate
 from tunesmith.evaluate.general import general_questions, general_texts, mentions_answer
 from tunesmith.evaluate.judge import combine, parse_verdict, summarize
-from tunesmith.evaluate.overfitting import overfitting_check
+from tunesmith.registry.overfitting import overfitting_check
 
 RESULTS = {"base": {"exact_match": 0.40, "general_ppl": 10.0},
            "fine-tuned": {"exact_match": 0.55, "general_ppl": 10.4},

@@ -46,7 +46,7 @@ def test_json_fields_and_schema_conformance(tmp_path):
 
 
 def test_bad_schema_file_is_one_clear_error(tmp_path):
-    from tunesmith.evaluate.custom_metrics import load_json_schema
+    from tunesmith.data.answers import load_json_schema
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"type": "object",\n "properties": }')

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate.overfitting import overfitting_check
+from tunesmith.registry.overfitting import overfitting_check
 from tunesmith.registry.run_dir import MANIFEST, read_json
 from tunesmith.train.checkpoints import (CHECKPOINTS_DIR, checkpoint_problem, complete_checkpoints,
                                          newest_intact_checkpoint)

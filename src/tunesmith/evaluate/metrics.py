@@ -6,43 +6,20 @@ mean over examples. Classification macro-F1 is the one corpus-level metric (see 
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections import Counter
 from functools import lru_cache
 
 from tunesmith.config import EvaluateConfig
-from tunesmith.evaluate.custom_metrics import load_custom_metrics
+from tunesmith.data.answers import is_exact_match, load_custom_metrics, parse_json_object
 from tunesmith.evaluate.generate import Generation
-
-
-def parse_json_object(text: str):
-    """The answer as a JSON object, or None when it is not exactly one valid JSON object."""
-    try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def normalize_text(text: str) -> str:
-    return " ".join(text.split()).lower()
 
 
 def answer_tokens(text: str) -> list[str]:
     """SQuAD-style normalization: lowercase, no punctuation, no articles, split on whitespace."""
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
     return re.sub(r"\b(a|an|the)\b", " ", text).split()
-
-
-def is_exact_match(prediction: str, reference: str, json_output: bool) -> bool:
-    """JSON tasks compare parsed objects (key order and spacing do not matter); text compares normalized."""
-    if json_output:
-        expected = parse_json_object(reference)
-        if expected is not None:
-            return parse_json_object(prediction) == expected
-    return normalize_text(prediction) == normalize_text(reference)
 
 
 def token_f1(prediction: str, reference: str) -> float:
@@ -111,7 +88,7 @@ def example_scores(generation: Generation, reference: str, settings: EvaluateCon
 
 @lru_cache(maxsize=4)
 def _schema_validator(path: str):
-    from tunesmith.evaluate.custom_metrics import load_json_schema
+    from tunesmith.data.answers import load_json_schema
 
     return load_json_schema(path)
 

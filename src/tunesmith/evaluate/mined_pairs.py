@@ -17,7 +17,7 @@ from tunesmith.data.prepare import read_split
 from tunesmith.data.template import end_of_turn_token_ids
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.contenders import load_contenders, switched_to
-from tunesmith.evaluate.metrics import is_exact_match
+from tunesmith.data.answers import is_exact_match
 from tunesmith.generation.batch_generate import sample_batched
 from tunesmith.models import load_tokenizer
 from tunesmith.registry.run import Run

@@ -29,13 +29,13 @@ from tunesmith.evaluate.contenders import (
     reference_labels,
     switched_to,
 )
-from tunesmith.evaluate.custom_metrics import load_custom_metrics, load_json_schema
+from tunesmith.data.answers import load_custom_metrics, load_json_schema
 from tunesmith.evaluate.examples import evaluation_examples
 from tunesmith.evaluate.gates import check_gates, parse_gate
 from tunesmith.evaluate.general import general_check, general_questions
 from tunesmith.evaluate.loss import assistant_token_loss
 from tunesmith.evaluate.metrics import corpus_scores, score_samples
-from tunesmith.evaluate.overfitting import overfitting_check
+from tunesmith.registry.overfitting import overfitting_check
 from tunesmith.evaluate.prompt_baseline import (
     check_fits_context,
     cost_per_million_requests,

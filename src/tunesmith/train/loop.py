@@ -72,8 +72,8 @@ class LoopProgress:
         return improved
 
     def note_overfitting(self) -> None:
-        """Warn once when the one overfitting rule (evaluate.overfitting) finds validation loss diverging."""
-        from tunesmith.evaluate.overfitting import overfitting_check
+        """Warn once when the one overfitting rule (registry/overfitting.py) finds validation loss diverging."""
+        from tunesmith.registry.overfitting import overfitting_check
 
         verdict = overfitting_check({"loss_curve": self.loss_curve, "validation_curve": self.validation_curve},
                                     OVERFIT_RISE)

@@ -14,8 +14,7 @@ from typing import Callable
 
 from tunesmith.config import GrpoConfig
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate.custom_metrics import load_custom_metrics, load_json_schema
-from tunesmith.evaluate.metrics import is_exact_match, parse_json_object
+from tunesmith.data.answers import is_exact_match, load_custom_metrics, load_json_schema, parse_json_object
 
 SHIPPED = ("json_valid", "json_schema", "exact_match", "field_match", "regex", "length")
 

@@ -1,4 +1,5 @@
-"""User-supplied scoring: metric functions referenced from the config, and JSON schemas read from files."""
+"""How an answer is judged against its reference, shared by evaluation's metrics and training's rewards: exact match
+(parsed JSON objects, or normalized text), and your own scoring functions and JSON schemas, loaded by reference."""
 
 from __future__ import annotations
 
@@ -80,3 +81,25 @@ def load_json_schema(path: str):
     except exceptions.SchemaError as exc:
         raise TunesmithError(f"{path}: not a valid JSON schema ({exc.message})") from None
     return cls(schema)
+
+
+def parse_json_object(text: str):
+    """The answer as a JSON object, or None when it is not exactly one valid JSON object."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def normalize_text(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def is_exact_match(prediction: str, reference: str, json_output: bool) -> bool:
+    """JSON tasks compare parsed objects (key order and spacing do not matter); text compares normalized."""
+    if json_output:
+        expected = parse_json_object(reference)
+        if expected is not None:
+            return parse_json_object(prediction) == expected
+    return normalize_text(prediction) == normalize_text(reference)

@@ -98,6 +98,8 @@ class LoraConfig(_Section):
 class PreferenceConfig(_Section):
     beta: float = 0.1
     """DPO/KTO beta: how far the policy may move from the reference (higher stays closer); the reference is the base model, or the `train.init_from` run's model."""
+    sft_weight: float = Field(0.0, ge=0)
+    """DPO only: weight of a negative log-likelihood (SFT) loss on the chosen answers added to DPO's (RPO); 1.0 keeps the chosen answers likely where pairs differ in a few tokens and plain DPO lowers both (0: plain DPO)."""
 
 
 class GrpoConfig(_Section):

@@ -87,6 +87,15 @@ def test_dpo_writes_an_adapter_that_prefers_the_chosen_replies(tmp_path, tiny_mo
     assert metrics["validation_loss"] < 0.6
 
 
+def test_dpo_with_an_sft_weight_also_learns_the_chosen_answers(tmp_path, tiny_model_dir):
+    # At the first step policy == reference, so plain DPO's loss is log(2); the SFT term adds the chosen answers' NLL.
+    run_dir, config = make_preference_run(tmp_path, tiny_model_dir, overrides={"max_steps": 2,
+                                                                               "preference": {"sft_weight": 1.0}})
+    section = train_preference(run_dir, config)
+    assert section["loss_curve"][0]["loss"] > 0.6931 + 1.0
+    assert section["config"]["preference"]["sft_weight"] == 1.0
+
+
 def test_kto_trains_from_paired_and_unpaired_data(tmp_path, tiny_model_dir):
     run_dir, config = make_preference_run(tmp_path, tiny_model_dir, overrides={"method": "kto", "max_steps": 3})
     section = train_preference(run_dir, config)

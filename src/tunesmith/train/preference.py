@@ -113,7 +113,15 @@ def _trainer_arguments(config: RunConfig, precision: str, output_dir: Path, use_
         include_num_input_tokens_seen="non_padding", **footing_arguments(train, validates=True),
         # build_training_model already applied train.gradient_checkpointing; TRL would turn it on by default.
         gradient_checkpointing=False, beta=train.preference.beta, max_length=config.data.max_length,
+        **_dpo_losses(train),
     )
+
+
+def _dpo_losses(train) -> dict:
+    """DPO's sigmoid loss, plus the SFT loss on chosen answers when `train.preference.sft_weight` asks for it."""
+    if train.method != "dpo" or not train.preference.sft_weight:
+        return {}
+    return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, train.preference.sft_weight]}
 
 
 def _trainer_class(method: str):

@@ -119,3 +119,15 @@ def test_dpo_on_mined_pairs_is_judged_on_its_parents_held_out_examples(two_versi
     orphan = load_config(config_path, ["train.init_from=null"])
     with pytest.raises(TunesmithError, match="did not continue from another run"):
         evaluate_run(shutil.copytree(two_versions[1], tmp_path / "orphan"), orphan)
+
+
+def test_a_rejected_answer_ends_just_after_its_first_wrong_word():
+    from tunesmith.evaluate.mined_pairs import cut_after_first_mistake
+
+    reference = '{"item": "chair", "quantity": 1, "city": "Cairo"}'
+    assert cut_after_first_mistake('{"item": "chair", "quantity": 1, "city": "Stratosphere"}', reference) == \
+        '{"item": "chair", "quantity": 1, "city": "Stratosphere'
+    assert cut_after_first_mistake('{"item": "chairs", "quantity": 1, "city": "Cairo"}', reference) == '{"item": "chairs'
+    assert cut_after_first_mistake('{"item": "chair", "quantity": 1, "city": "Cairo")', reference) == \
+        '{"item": "chair", "quantity": 1, "city": "Cairo")'
+    assert cut_after_first_mistake('{"item": "chair", "qua', reference) == '{"item": "chair", "qua'  # stopped early

@@ -147,15 +147,17 @@ def mine_pairs(
     max_prompts: Annotated[Optional[int], typer.Option(help="Ask at most this many training prompts (default: all).")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed (the same seed gives the same pairs).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Prompts answered together.")] = 16,
+    whole: Annotated[bool, typer.Option("--whole", help="Keep whole wrong answers as rejected (default: cut just after the first wrong word).")] = False,
 ) -> None:
     """Preference pairs from the model's own mistakes: sample its answers to its training prompts, keep the reference
-    as chosen and its most frequent wrong answer as rejected. Train DPO on them with train.init_from=RUN_DIR."""
+    as chosen and its most frequent wrong answer, cut after its first wrong word, as rejected. Train DPO on them
+    with train.init_from=RUN_DIR."""
     with user_errors():
-        _mine_pairs(run_dir, out, samples, temperature, max_prompts, seed, batch_size)
+        _mine_pairs(run_dir, out, samples, temperature, max_prompts, seed, batch_size, whole)
 
 
 def _mine_pairs(run_dir: Path, out: Path, samples: int, temperature: float, max_prompts: int | None, seed: int,
-                batch_size: int) -> None:
+                batch_size: int, whole: bool) -> None:
     from rich.console import Console
     from rich.progress import Progress
 
@@ -164,7 +166,7 @@ def _mine_pairs(run_dir: Path, out: Path, samples: int, temperature: float, max_
     with Progress(transient=True) as progress:
         task = progress.add_task("sampling answers", total=max_prompts)
         mined = mine(run_dir, out, samples, temperature, max_prompts, seed, batch_size,
-                     on_progress=lambda n: progress.advance(task, n))
+                     on_progress=lambda n: progress.advance(task, n), cut=not whole)
     console = Console(highlight=False)
     console.print(plain(f"wrote {mined.pairs:,} pairs to {out}: {mined.prompts:,} training prompts x {mined.samples} "
                         f"samples at temperature {temperature}, {mined.error_rate:.1%} of answers wrong"

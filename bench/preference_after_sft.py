@@ -70,7 +70,7 @@ def child_run(seed: int, parent: Path, output_dir: Path, args) -> dict:
         *overrides, base, "evaluate.temperature=1.0", f"evaluate.samples={args.eval_samples}",
         "evaluate.general_check=false"]))
     row = {"seed": seed, "pairs": mined["pairs"], "mined_error_rate": mined["error_rate"], "mine_seconds": mined["seconds"],
-           "dpo_seconds": dpo_seconds, "train_steps": Run.open(run_dir).trained.metrics.get("global_step")}
+           "dpo_seconds": dpo_seconds, "train_steps": Run.open(run_dir).trained.metrics.get("steps")}
     for label in MODELS:
         if label in greedy["results"]:
             row[label] = {"exact_match": greedy["results"][label]["exact_match"],

@@ -75,14 +75,14 @@ def test_a_child_worse_than_its_parent_is_told_in_words_and_fails_a_parent_gate(
 
     def scripted(model, tokenizer, conversations, *args, **kwargs):
         correct = answering["label"] == "parent"
-        return [Generation(right[c[-1]["content"]] if correct else "no idea", 3, True) for c in conversations]
+        return [[Generation(right[c[-1]["content"]] if correct else "no idea", 3, True)] for c in conversations]
 
     def scripted_general(*args, **kwargs):
         known = [float(answering["label"] == "parent")] * 20
         return {"general_ppl": 10.0, "general_qa": known[0], "per_question": known, "answers": ["?"] * 20}
 
     monkeypatch.setattr(stage, "switched_to", recording_switch)
-    monkeypatch.setattr(stage, "generate_batched", scripted)
+    monkeypatch.setattr(stage, "sample_batched", scripted)
     monkeypatch.setattr(stage, "general_check", scripted_general)
     config = load_run_config(child_dir, [*FAST, "evaluate.general_check=true"])
     report = evaluate_run(child_dir, config, gates=["exact_match >= parent - 0.05", "general_qa >= parent - 0.05"])

@@ -92,13 +92,13 @@ def test_the_prompt_baseline_is_a_contender_with_its_gain_and_the_tokens_fine_tu
     from tunesmith.models import load_tokenizer
 
     asked = []
-    real_generate = stage.generate_batched
+    real_generate = stage.sample_batched
 
     def recording(model, tokenizer, conversations, *args, **kwargs):
         asked.append(conversations)
         return real_generate(model, tokenizer, conversations, *args, **kwargs)
 
-    monkeypatch.setattr(stage, "generate_batched", recording)
+    monkeypatch.setattr(stage, "sample_batched", recording)
     config = load_run_config(trained_run, ["evaluate.prompt_baseline=2", "evaluate.prompt_token_price=2.0",
                                            "evaluate.max_new_tokens=4", "evaluate.bootstrap_samples=300"])
     report = stage.evaluate_run(trained_run, config, gates=["exact_match >= base - 1"])

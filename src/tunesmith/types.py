@@ -66,6 +66,9 @@ class PreferenceExample(BaseModel):
     messages: list[ChatMessage]
     chosen: str
     rejected: str
+    rejected_cut: bool = False
+    """The rejected reply stops right after its mistake (`data mine-pairs`): DPO lowers the mistake itself, not an
+    end of turn after it, so no end-of-turn token follows it in training."""
     source_line: int | None = None
 
 

@@ -58,6 +58,8 @@ def test_unpaired_preference_wins_over_prompt_completion_because_of_its_label():
 @pytest.mark.parametrize("record, reason", [
     ({"messages": CANONICAL, "prompt": "a", "completion": "b"}, "ambiguous_format"),
     ({"prompt": "q", "chosen": "same", "rejected": "same"}, "chosen_equals_rejected"),
+    ({"prompt": "q", "chosen": "Oslo.", "rejected": "Osl", "rejected_cut": True}, "chosen_equals_rejected"),
+    ({"prompt": "q", "chosen": "Oslo.", "rejected": "Osaka", "rejected_cut": "yes"}, "wrong_type"),
     ({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
       "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}, "turn_order"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},

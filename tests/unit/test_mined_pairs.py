@@ -40,11 +40,21 @@ def test_pairs_hold_the_reference_and_a_wrong_answer_the_model_really_gave(two_v
     assert runner.invoke(app, ["data", "mine-pairs", str(run_dir), "-o", str(again), "--samples", "3",
                                "--max-prompts", "12", "--seed", "5"]).exit_code == 0
     assert again.read_text() == out.read_text()
+    # A reply cut after its mistake says so (training must not end the turn there); whole mistakes do not.
+    whole = tmp_path / "whole.jsonl"
+    assert runner.invoke(app, ["data", "mine-pairs", str(run_dir), "-o", str(whole), "--samples", "3",
+                               "--max-prompts", "12", "--seed", "5", "--whole"]).exit_code == 0
+    whole_rows = [json.loads(line) for line in whole.read_text().splitlines()]
+    assert [r["prompt"] for r in whole_rows] == [r["prompt"] for r in rows]
+    for cut, full in zip(rows, whole_rows):
+        assert "rejected_cut" not in full
+        assert cut.get("rejected_cut", False) == (cut["rejected"] != full["rejected"])
 
     # The file is preference data as `prepare` reads it.
     examples = read_examples(out)
     assert [type(e) for e in examples] == [PreferenceExample] * len(rows)
     assert examples[0].rejected == rows[0]["rejected"][0]["content"]
+    assert [e.rejected_cut for e in examples] == [r.get("rejected_cut", False) for r in rows]
 
 def test_mining_refuses_greedy_answers_and_untrained_runs(two_versions, tmp_path):
     runner = CliRunner()

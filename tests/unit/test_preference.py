@@ -96,6 +96,26 @@ def test_dpo_with_an_sft_weight_also_learns_the_chosen_answers(tmp_path, tiny_mo
     assert section["config"]["preference"]["sft_weight"] == 1.0
 
 
+def test_dpo_rows_end_a_cut_rejected_reply_where_it_was_cut(tiny_model_dir):
+    # TRL would close every rejected reply with an end of turn; after a cut one that is no mistake the model makes.
+    from tunesmith.data.template import end_of_turn_token_ids, generation_prompt_ids
+    from tunesmith.train.preference_data import dpo_token_rows
+    from tunesmith.types import PreferenceExample
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    stops = set(end_of_turn_token_ids(tokenizer))
+    prompt = [ChatMessage(role="user", content="1 red chair to Oslo")]
+    chosen = '{"city": "Oslo"}'
+    whole, cut = dpo_token_rows(tokenizer, [
+        PreferenceExample(messages=prompt, chosen=chosen, rejected='{"city": "Osaka"}'),
+        PreferenceExample(messages=prompt, chosen=chosen, rejected='{"city": "Osaka', rejected_cut=True)])
+    assert whole["prompt_ids"] == generation_prompt_ids(tokenizer, [m.as_dict() for m in prompt])
+    assert tokenizer.decode(whole["chosen_ids"][:-1]) == chosen and whole["chosen_ids"][-1] in stops
+    assert whole["rejected_ids"][-1] in stops
+    assert tokenizer.decode(cut["rejected_ids"]) == '{"city": "Osaka' and not set(cut["rejected_ids"]) & stops
+    assert cut["chosen_ids"] == whole["chosen_ids"]
+
+
 def test_kto_trains_from_paired_and_unpaired_data(tmp_path, tiny_model_dir):
     run_dir, config = make_preference_run(tmp_path, tiny_model_dir, overrides={"method": "kto", "max_steps": 3})
     section = train_preference(run_dir, config)

@@ -25,7 +25,7 @@ REQUIRED_KEYS = {
     "alpaca": {"instruction", "output"},
 }
 OPTIONAL_KEYS = {
-    "unpaired": {"system"}, "openai_dpo": set(), "preference": {"prompt", "system"}, "chat": {"tools"},
+    "unpaired": {"system"}, "openai_dpo": set(), "preference": {"prompt", "system", "rejected_cut"}, "chat": {"tools"},
     "sharegpt": {"system"}, "prompt_completion": {"system"}, "alpaca": {"input", "system"},
 }
 KIND_OF_FORMAT = {"chat": "sft", "prompt_completion": "sft", "alpaca": "sft", "sharegpt": "sft",
@@ -146,16 +146,19 @@ def _alpaca(record: dict) -> ChatExample:
 
 def _preference(record: dict) -> PreferenceExample:
     chosen, rejected = record["chosen"], record["rejected"]
+    cut = record.get("rejected_cut", False)
+    if not isinstance(cut, bool):
+        raise RowError("wrong_type", f"'rejected_cut' must be true or false, got {shown(cut)}")
     if "prompt" in record:
         prompt = _prompt_messages(record, "prompt")
-        return _pair(prompt, _reply(chosen, "chosen"), _reply(rejected, "rejected"))
+        return _pair(prompt, _reply(chosen, "chosen"), _reply(rejected, "rejected"), cut)
     # Implicit prompt (TRL): chosen and rejected are whole conversations that share every turn but the last.
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
         raise RowError("missing_key", "'prompt' is missing: give it, or make chosen/rejected whole conversations")
     chosen_turns, rejected_turns = parse_messages(chosen, "chosen"), parse_messages(rejected, "rejected")
     if chosen_turns[:-1] != rejected_turns[:-1] or len(chosen_turns) < 2:
         raise RowError("turn_order", "implicit prompt: chosen and rejected must share every turn but their last")
-    return _pair(chosen_turns[:-1], _reply(chosen[-1:], "chosen"), _reply(rejected[-1:], "rejected"))
+    return _pair(chosen_turns[:-1], _reply(chosen[-1:], "chosen"), _reply(rejected[-1:], "rejected"), cut)
 
 
 def _openai_dpo(record: dict) -> PreferenceExample:
@@ -179,11 +182,14 @@ def _unpaired(record: dict) -> UnpairedPreferenceExample:
                                      label=bool(label))
 
 
-def _pair(prompt: list[ChatMessage], chosen: str, rejected: str) -> PreferenceExample:
+def _pair(prompt: list[ChatMessage], chosen: str, rejected: str, rejected_cut: bool = False) -> PreferenceExample:
     check_turn_order(prompt, ends_with="user")
     if chosen == rejected:
         raise RowError("chosen_equals_rejected", "chosen and rejected are the same reply; there is no preference to learn")
-    return PreferenceExample(messages=prompt, chosen=chosen, rejected=rejected)
+    if rejected_cut and chosen.startswith(rejected):
+        raise RowError("chosen_equals_rejected", "a cut rejected reply that is the start of the chosen one teaches "
+                       "nothing; cut it after its first wrong word, or set rejected_cut to false")
+    return PreferenceExample(messages=prompt, chosen=chosen, rejected=rejected, rejected_cut=rejected_cut)
 
 
 def _prompt_messages(record: dict, key: str) -> list[ChatMessage]:

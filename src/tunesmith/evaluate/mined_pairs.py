@@ -79,8 +79,11 @@ def mine_pairs(run_dir: Path, out: Path, samples: int = 4, temperature: float = 
             continue
         mistake = Counter(wrong).most_common(1)[0][0]
         rejected = cut_after_first_mistake(mistake, reference) if cut else mistake
-        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": reference}],
-                     "rejected": [{"role": "assistant", "content": rejected}]})
+        row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": reference}],
+               "rejected": [{"role": "assistant", "content": rejected}]}
+        if len(rejected) < len(mistake):  # training must not end the turn after the cut (it did not end there)
+            row["rejected_cut"] = True
+        rows.append(row)
         if len(shown) < 3:
             shown.append({"prompt": prompt[-1]["content"], "reference": reference, "mistake": rejected})
     if not rows:

@@ -20,7 +20,7 @@ from tunesmith.registry.run_dir import staged_dir
 from tunesmith.train.checkpoints import resume_point, settings_of
 from tunesmith.train.devices import pick_precision, set_cpu_threads
 from tunesmith.train.loop import LoopProgress
-from tunesmith.train.preference_data import ACCEPTED_KINDS, check_preference_kind, trl_rows
+from tunesmith.train.preference_data import ACCEPTED_KINDS, check_preference_kind, dpo_token_rows, trl_rows
 from tunesmith.train.run_record import ADAPTER_DIR, FULL_MODEL_DIR, parent_of, record_trained, train_section
 from tunesmith.train.trl_footing import (final_evaluation, footing_arguments, footing_section, train_with_footing,
                                          trl_training_model)
@@ -56,8 +56,9 @@ def train_preference(run_dir: Path, config: RunConfig, resume: bool = False, res
     precision = pick_precision(settings.precision)
     threads = set_cpu_threads(settings.threads)
     set_seed(config.seed)
-    train_set = Dataset.from_list(trl_rows(read_preference_split(run_dir, "train")))
-    val_set = Dataset.from_list(trl_rows(read_preference_split(run_dir, "validation")))
+    rows = (lambda split: dpo_token_rows(tokenizer, split)) if settings.method == "dpo" else trl_rows
+    train_set = Dataset.from_list(rows(read_preference_split(run_dir, "train")))
+    val_set = Dataset.from_list(rows(read_preference_split(run_dir, "validation")))
 
     # A parent's adapter is trained further, and TRL keeps a frozen copy of it as the reference policy.
     model, config, (trainable, total) = trl_training_model(run, parent, config, precision, resumed_from)
@@ -127,4 +128,10 @@ def _dpo_losses(train) -> dict:
 def _trainer_class(method: str):
     from trl import DPOTrainer, KTOTrainer
 
-    return DPOTrainer if method == "dpo" else KTOTrainer
+    class TokenizedDPOTrainer(DPOTrainer):
+        """DPO on rows `preference_data.dpo_token_rows` tokenized already (TRL would re-tokenize them its way)."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return TokenizedDPOTrainer if method == "dpo" else KTOTrainer

@@ -67,7 +67,7 @@ def child_run(seed: int, parent: Path, output_dir: Path, args) -> dict:
     base = f"evaluate.compare_base={'true' if seed == args.seeds[0] else 'false'}"
     greedy = evaluate_run(run_dir, load_config(ROOT / "examples/preference/config.yaml", [*overrides, base]))
     sampled = evaluate_run(run_dir, load_config(ROOT / "examples/preference/config.yaml", [
-        *overrides, base, "evaluate.temperature=1.0", f"evaluate.samples={args.eval_samples}",
+        *overrides, "evaluate.compare_base=false", "evaluate.temperature=1.0", f"evaluate.samples={args.eval_samples}",
         "evaluate.general_check=false"]))
     row = {"seed": seed, "pairs": mined["pairs"], "mined_error_rate": mined["error_rate"], "mine_seconds": mined["seconds"],
            "dpo_seconds": dpo_seconds, "train_steps": Run.open(run_dir).trained.metrics.get("steps")}
@@ -76,8 +76,8 @@ def child_run(seed: int, parent: Path, output_dir: Path, args) -> dict:
             row[label] = {"exact_match": greedy["results"][label]["exact_match"],
                           "json_valid": greedy["results"][label].get("json_valid"),
                           "general_qa": greedy["results"][label].get("general_qa"),
-                          "sampled_exact_match": sampled["results"][label]["exact_match"],
-                          "sampled_json_valid": sampled["results"][label].get("json_valid")}
+                          "sampled_exact_match": sampled["results"].get(label, {}).get("exact_match"),
+                          "sampled_json_valid": sampled["results"].get(label, {}).get("json_valid")}
     row["against_parent"] = {"greedy": greedy.get("against_parent"), "sampled": sampled.get("against_parent")}
     return row
 

@@ -105,7 +105,9 @@ def test_dpo_on_mined_pairs_is_judged_on_its_parents_held_out_examples(two_versi
 
     parent = shutil.copytree(two_versions[0], tmp_path / "parent")
     pairs = tmp_path / "pairs.jsonl"
-    mine_pairs(parent, pairs, samples=2, temperature=1.0)
+    told, done = [], []
+    mine_pairs(parent, pairs, samples=2, temperature=1.0, on_start=told.append, on_progress=done.append)
+    assert told == [len(read_split(parent, "train"))] == [sum(done)]  # a progress bar with its total
     config_path = tmp_path / "dpo.yaml"
     config_path.write_text(yaml.safe_dump({
         "name": "child", "base_model": load_run_config(parent).base_model, "output_dir": str(tmp_path / "runs"),

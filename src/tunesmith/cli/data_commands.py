@@ -164,9 +164,10 @@ def _mine_pairs(run_dir: Path, out: Path, samples: int, temperature: float, max_
     from tunesmith.evaluate.mined_pairs import mine_pairs as mine
 
     with Progress(transient=True) as progress:
-        task = progress.add_task("sampling answers", total=max_prompts)
+        task = progress.add_task("sampling answers", total=None)
         mined = mine(run_dir, out, samples, temperature, max_prompts, seed, batch_size,
-                     on_progress=lambda n: progress.advance(task, n), cut=not whole)
+                     on_progress=lambda n: progress.advance(task, n), cut=not whole,
+                     on_start=lambda total: progress.update(task, total=total))
     console = Console(highlight=False)
     console.print(plain(f"wrote {mined.pairs:,} pairs to {out}: {mined.prompts:,} training prompts x {mined.samples} "
                         f"samples at temperature {temperature}, {mined.error_rate:.1%} of answers wrong"

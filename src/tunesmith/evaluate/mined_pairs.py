@@ -41,8 +41,9 @@ class MinedPairs:
 
 def mine_pairs(run_dir: Path, out: Path, samples: int = 4, temperature: float = 1.0, max_prompts: int | None = None,
                seed: int = 0, batch_size: int = 16, max_new_tokens: int | None = None,
-               on_progress=None, cut: bool = True) -> MinedPairs:
+               on_progress=None, cut: bool = True, on_start=None) -> MinedPairs:
     """Write `out` with one pair per training prompt the run answered wrongly at least once in `samples` tries.
+    `on_start(prompts)` says how many prompts will be asked; `on_progress(1)` follows each.
 
     `cut`: the rejected answer ends just after its first wrong word. DPO lowers every token of the rejected answer,
     and after a wrong city the rest (`"}`) is the same as in the right answers: measured on the quickstart, whole
@@ -66,6 +67,8 @@ def mine_pairs(run_dir: Path, out: Path, samples: int = 4, temperature: float = 
     tokenizer = load_tokenizer(run.weights_dir)
     model, contenders = load_contenders(run, tokenizer, [], compare_base=False)
     prompts = [e.prompt_messages() for e in examples]
+    if on_start:
+        on_start(len(prompts))
     with switched_to(model, contenders[0]) as active:
         answers = sample_batched(active, tokenizer, prompts, end_of_turn_token_ids(tokenizer),
                                  max_new_tokens or settings.max_new_tokens, batch_size, on_batch=on_progress,

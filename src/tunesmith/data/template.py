@@ -25,6 +25,11 @@ class TokenizedExample:
     def trained_tokens(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
+    @property
+    def trained_ids(self) -> list[int]:
+        """The ids of the trained tokens (the assistant answers and their end-of-turn), in order."""
+        return [token for token, label in zip(self.input_ids, self.labels) if label != IGNORE_INDEX]
+
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
     """The conversation (and the tools it may call) as text, exactly as the model's chat template writes it.
@@ -98,8 +103,7 @@ def tokenize_example(tokenizer, messages: list[dict], max_length: int,
 def end_of_turn_token_ids(tokenizer) -> list[int]:
     """Token ids that end an assistant turn: the EOS token plus the template's own end-of-turn token."""
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
-    example = tokenize_example(tokenizer, probe, max_length=10_000)
-    trained = [t for t, label in zip(example.input_ids, example.labels) if label != -100]
+    trained = tokenize_example(tokenizer, probe, max_length=10_000).trained_ids
     stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     if trained and trained[-1] in tokenizer.all_special_ids:
         stops.add(trained[-1])

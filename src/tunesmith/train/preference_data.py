@@ -7,7 +7,7 @@ the model never does anyway, and DPO meets its margin there instead of on the mi
 
 from __future__ import annotations
 
-from tunesmith.data.template import IGNORE_INDEX, end_of_turn_token_ids, generation_prompt_ids, tokenize_example
+from tunesmith.data.template import end_of_turn_token_ids, generation_prompt_ids, tokenize_example
 from tunesmith.errors import TunesmithError
 from tunesmith.registry.run import Run
 from tunesmith.types import PreferenceExample, UnpairedPreferenceExample
@@ -61,5 +61,4 @@ def dpo_token_rows(tokenizer, examples: list[PreferenceExample]) -> list[dict]:
 
 def _answer_ids(tokenizer, prompt: list[dict], answer: str) -> list[int]:
     """The answer's tokens and its end-of-turn token, as SFT trains them after `prompt`."""
-    example = tokenize_example(tokenizer, [*prompt, {"role": "assistant", "content": answer}], max_length=1 << 30)
-    return [token for token, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    return tokenize_example(tokenizer, [*prompt, {"role": "assistant", "content": answer}], max_length=1 << 30).trained_ids

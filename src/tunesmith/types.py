@@ -66,9 +66,10 @@ class PreferenceExample(BaseModel):
     messages: list[ChatMessage]
     chosen: str
     rejected: str
-    rejected_cut: bool = False
-    """The rejected reply stops right after its mistake (`data mine-pairs`): DPO lowers the mistake itself, not an
-    end of turn after it, so no end-of-turn token follows it in training."""
+    rejected_cut: bool | None = None
+    """True: the rejected reply stops right after its mistake (`data mine-pairs`): DPO lowers the mistake itself, not an
+    end of turn after it, so no end-of-turn token follows it in training. None otherwise (never False), so a pair
+    without it is stored and hashed exactly as before the field existed (same split, same data hash)."""
     source_line: int | None = None
 
 

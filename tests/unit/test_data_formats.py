@@ -132,3 +132,14 @@ def test_unknown_file_type_and_a_folder_that_is_not_a_dataset_are_clear_errors(t
     (tmp_path / "folder").mkdir()
     with pytest.raises(TunesmithError, match="not a saved Hugging Face dataset"):
         read_examples(tmp_path / "folder")
+
+
+def test_a_pair_without_rejected_cut_is_stored_and_hashed_as_before_the_field_existed():
+    # The split and the data hash come from the stored record: an unflagged pair must not gain a key.
+    from tunesmith.data.split import content_hash
+
+    plain, _ = convert_record({"prompt": "q", "chosen": "Oslo.", "rejected": "Osaka."}, None)
+    stated, _ = convert_record({"prompt": "q", "chosen": "Oslo.", "rejected": "Osaka.", "rejected_cut": False}, None)
+    cut, _ = convert_record({"prompt": "q", "chosen": "Oslo.", "rejected": "Osaka", "rejected_cut": True}, None)
+    assert "rejected_cut" not in plain.model_dump(exclude_none=True)
+    assert content_hash(plain) == content_hash(stated) != content_hash(cut.model_copy(update={"rejected": "Osaka."}))

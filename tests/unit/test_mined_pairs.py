@@ -54,7 +54,7 @@ def test_pairs_hold_the_reference_and_a_wrong_answer_the_model_really_gave(two_v
     examples = read_examples(out)
     assert [type(e) for e in examples] == [PreferenceExample] * len(rows)
     assert examples[0].rejected == rows[0]["rejected"][0]["content"]
-    assert [e.rejected_cut for e in examples] == [r.get("rejected_cut", False) for r in rows]
+    assert [bool(e.rejected_cut) for e in examples] == [r.get("rejected_cut", False) for r in rows]
 
 def test_mining_refuses_greedy_answers_and_untrained_runs(two_versions, tmp_path):
     runner = CliRunner()

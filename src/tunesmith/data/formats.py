@@ -189,7 +189,7 @@ def _pair(prompt: list[ChatMessage], chosen: str, rejected: str, rejected_cut: b
     if rejected_cut and chosen.startswith(rejected):
         raise RowError("chosen_equals_rejected", "a cut rejected reply that is the start of the chosen one teaches "
                        "nothing; cut it after its first wrong word, or set rejected_cut to false")
-    return PreferenceExample(messages=prompt, chosen=chosen, rejected=rejected, rejected_cut=rejected_cut)
+    return PreferenceExample(messages=prompt, chosen=chosen, rejected=rejected, rejected_cut=rejected_cut or None)
 
 
 def _prompt_messages(record: dict, key: str) -> list[ChatMessage]:

@@ -57,10 +57,13 @@ def sample_batched(model, tokenizer, conversations: list[list[dict]], stop_ids: 
                     on_batch(1)
         return emit
 
-    # Similar lengths side by side waste less padding.
-    for index in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
-                                seed=seed + index * samples if temperature else None)
-        engine.submit(GenerationRequest("model", prompts[index], params, n=samples), listener(index))
-    engine.run_until_done()
+    try:
+        # Similar lengths side by side waste less padding.
+        for index in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
+            params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                    seed=seed + index * samples if temperature else None)
+            engine.submit(GenerationRequest("model", prompts[index], params, n=samples), listener(index))
+        engine.run_until_done()
+    finally:
+        route.group.unpack()
     return results

@@ -22,6 +22,7 @@ from typing import Callable
 
 from tunesmith.errors import TunesmithError
 from tunesmith.generation.constraints import mask_logits
+from tunesmith.generation.packed_linear import pack, unpack
 from tunesmith.generation.padded_batch import PaddedBatch, new_cache
 from tunesmith.generation.prefix_cache import PrefixCache
 from tunesmith.generation.requests import ChoiceUpdate, Event, Failed, GenerationRequest, SamplingParams, TokenLogprob
@@ -58,8 +59,13 @@ class ModelGroup:
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         new_cache(model)  # refuses cache layouts the padded batch cannot handle, at load time
+        pack(model)  # until `unpack`: the model decodes faster but cannot train (see packed_linear)
         self.batch = PaddedBatch()
         self.rows: list[_Row] = []
+
+    def unpack(self) -> None:
+        """Give the model back as it was loaded (dense weights), for a caller that goes on using it."""
+        unpack(self.model)
 
     def forward(self, input_ids, adapters: list[str | None], **kwargs):
         if self.adapter_rows is not None:

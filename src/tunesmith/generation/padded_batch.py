@@ -9,6 +9,7 @@ side is shorter; leaving drops the row and any columns that became padding for e
 from __future__ import annotations
 
 from tunesmith.errors import TunesmithError
+from tunesmith.generation.growing_cache import growing_layer_class
 
 
 def new_cache(model):
@@ -21,6 +22,8 @@ def new_cache(model):
     odd = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
     if odd:
         raise TunesmithError(f"the batching engine does not support this model's cache layers ({', '.join(odd)}) yet")
+    layer_class = growing_layer_class()
+    cache.layers = [layer_class() for _ in cache.layers]
     return cache
 
 
@@ -116,7 +119,7 @@ class PaddedBatch:
         start = int(self.mask.any(dim=0).long().argmax())
         if start:
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+                layer.drop_front(start)
             self.mask = self.mask[:, start:]
 
     def step_inputs(self) -> dict:

@@ -1,0 +1,97 @@
+"""The two decode-step speed-ups under the engine: a KV cache that appends in place, and oneDNN-packed linear layers.
+Both must be invisible: the same keys, values and logits as transformers' own path, and the model given back intact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from tunesmith.generation.growing_cache import ROOM_TOKENS, growing_layer_class
+from tunesmith.generation.packed_linear import can_pack, pack, packed_linear_class, unpack
+from tunesmith.models import load_model
+
+
+def states(rows: int, tokens: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, 2, tokens, 8, generator=generator),
+            torch.randn(rows, 2, tokens, 8, generator=generator))
+
+
+def test_growing_layer_holds_what_a_dynamic_layer_holds_through_appends_leaves_and_trims():
+    growing, reference = growing_layer_class()(), DynamicLayer()
+    for layer in (growing, reference):
+        layer.update(*states(4, 5, seed=0))
+    buffer = growing._buffers[0]
+    for step in range(ROOM_TOKENS + 6):  # past the room: one copy into a bigger buffer on the way
+        new = states(4 if step < 10 else 2, 1, seed=step + 1)
+        for layer in (growing, reference):
+            keys, values = layer.update(*new)
+        assert torch.equal(keys, reference.keys) and torch.equal(values, reference.values)
+        if step == 3:
+            assert growing._buffers[0] is buffer, "a token that fits was written in place"
+        if step == 9:  # rows 1 and 3 leave, row 3 twice (a prompt with n choices)
+            for layer in (growing, reference):
+                layer.batch_select_indices(torch.tensor([3, 1]))
+        if step == 12:
+            growing.drop_front(2)
+            reference.keys, reference.values = reference.keys[:, :, 2:], reference.values[:, :, 2:]
+    assert torch.equal(growing.keys, reference.keys) and torch.equal(growing.values, reference.values)
+
+
+def test_a_view_handed_out_is_never_written_afterwards():
+    """The prefix cache keeps a prompt's keys as views; later tokens of the same row must not land inside them."""
+    layer = growing_layer_class()()
+    layer.update(*states(1, 6, seed=0))
+    kept_keys = layer.keys
+    snapshot = kept_keys.clone()
+    layer.keys = kept_keys[:, :, :4]  # someone trims by assignment: the next append must not reuse the buffer
+    layer.values = layer.values[:, :, :4]
+    layer.update(*states(1, 1, seed=1))
+    layer.update(*states(1, 1, seed=2))
+    assert torch.equal(kept_keys, snapshot)
+    assert layer.get_seq_length() == 6
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_packed_model_gives_the_same_logits_and_unpack_restores_every_weight_bit_for_bit(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    assert can_pack(model)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    ids = torch.tensor([[5, 9, 13, 2, 7], [3, 3, 8, 1, 4]])
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits
+    packed = pack(model)
+    layer_class = packed_linear_class()
+    linears = [m for m in model.modules() if type(m) is layer_class]
+    assert packed == len(linears) > 0
+    released = [m for m in linears if m.released]
+    assert released and all(m.weight.numel() == 0 for m in released), "packed layers keep one copy of the weight"
+    head = model.get_output_embeddings()
+    assert head.weight.numel() > 0, "the tied head's weight is the embedding's: never released"
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+    unpack(model)
+    assert not any(type(m) is layer_class for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()  # the model trains afterwards as if it had never been packed
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_peft_layers_keep_their_dense_weights_while_packed(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=16, target_modules=["q_proj", "down_proj"],
+                                                                  use_dora=True, init_lora_weights=False))
+    ids = torch.tensor([[5, 9, 13, 2, 7]])
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits
+        pack(model)
+        got = model(input_ids=ids).logits  # DoRA reads its base weight in every forward
+    unpack(model)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -95,3 +95,16 @@ def test_peft_layers_keep_their_dense_weights_while_packed(tiny_model_dir):
         got = model(input_ids=ids).logits  # DoRA reads its base weight in every forward
     unpack(model)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_stacked_rows_are_right_aligned_behind_zeros_and_keep_appending_in_place():
+    layer = growing_layer_class()()
+    long, short = states(2, 7, seed=0), states(1, 3, seed=1)
+    layer.update(*long)
+    layer.stack_rows([(layer.keys, layer.values), short, None], width=7)
+    expected_keys = torch.cat([long[0], torch.nn.functional.pad(short[0], (0, 0, 4, 0)), torch.zeros(1, 2, 7, 8)])
+    assert torch.equal(layer.keys, expected_keys)
+    buffer = layer._buffers[0]
+    new = states(4, 1, seed=2)
+    keys, _ = layer.update(*new)
+    assert layer._buffers[0] is buffer and torch.equal(keys[:, :, -1:], new[0])

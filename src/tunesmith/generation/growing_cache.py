@@ -61,6 +61,26 @@ def growing_layer_class():
             self._start += columns
             self._show(held - columns)
 
+        def stack_rows(self, parts: list, width: int) -> None:
+            """Hold the rows of `parts` in this order: (keys, values) of [rows, heads, tokens, dim], or None for one
+            row with nothing yet, each right-aligned at `width` tokens behind zeros (left padding, masked out), in one
+            new buffer with room: joining rows costs one copy of the batch, not a copy per pad, concatenation and
+            first append."""
+            like_keys, like_values = next(part for part in parts if part is not None)
+            counts = [1 if part is None else part[0].shape[0] for part in parts]
+            buffers = tuple(like.new_empty(sum(counts), like.shape[1], width + ROOM_TOKENS, like.shape[3])
+                            for like in (like_keys, like_values))
+            row = 0
+            for part, count in zip(parts, counts):
+                held = 0 if part is None else part[0].shape[-2]
+                for buffer, index in zip(buffers, (0, 1)):
+                    buffer[row:row + count, :, :width - held] = 0  # padding must be finite: masked, times zero
+                    if held:
+                        buffer[row:row + count, :, width - held:width] = part[index]
+                row += count
+            self._buffers, self._start = buffers, 0
+            self._show(width)
+
         def _show(self, length: int) -> None:
             window = slice(self._start, self._start + length)
             self.keys, self.values = self._buffers[0][:, :, window], self._buffers[1][:, :, window]

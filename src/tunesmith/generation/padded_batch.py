@@ -55,13 +55,8 @@ class PaddedBatch:
             return batch
         batch.cache = caches[lengths.index(width)]
         for index, layer in enumerate(batch.cache.layers):
-            rows = []
-            for cache, n in zip(caches, lengths):
-                theirs = cache.layers[index] if n else None
-                rows.append((_pad_keys(theirs.keys, width - n), _pad_keys(theirs.values, width - n)) if n else
-                            (layer.keys.new_zeros(layer.keys.shape), layer.values.new_zeros(layer.values.shape)))
-            layer.keys = torch.cat([keys for keys, _ in rows])
-            layer.values = torch.cat([values for _, values in rows])
+            layer.stack_rows([(cache.layers[index].keys, cache.layers[index].values) if n else None
+                              for cache, n in zip(caches, lengths)], width)
         return batch
 
     def prefill_inputs(self, chunks: list[list[int]], pad_id: int = 0) -> dict:
@@ -97,12 +92,9 @@ class PaddedBatch:
             self.cache, self.mask, self.positions = other.cache, other.mask, other.positions
             return
         width = max(self.mask.shape[1], other.mask.shape[1])
-        self._pad_left(width - self.mask.shape[1])
-        other._pad_left(width - other.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([mine.keys, theirs.keys])
-            mine.values = torch.cat([mine.values, theirs.values])
-        self.mask = torch.cat([self.mask, other.mask])
+            mine.stack_rows([(mine.keys, mine.values), (theirs.keys, theirs.values)], width)
+        self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(other.mask, width)])
         self.positions = torch.cat([self.positions, other.positions])
 
     def keep(self, rows: list[int]) -> None:
@@ -134,21 +126,13 @@ class PaddedBatch:
         """After a forward pass: every row is one token longer."""
         self.positions = self.positions + 1
 
-    def _pad_left(self, columns: int) -> None:
-        import torch
-
-        if columns <= 0:
-            return
-        for layer in self.cache.layers:
-            layer.keys, layer.values = _pad_keys(layer.keys, columns), _pad_keys(layer.values, columns)
-        self.mask = torch.nn.functional.pad(self.mask, (columns, 0))
 
 
-def _pad_keys(tensor, columns: int):
-    """[rows, heads, tokens, dim] with `columns` zero tokens in front."""
+def _pad_mask(mask, width: int):
+    """[rows, columns] with zero columns in front up to `width`."""
     import torch
 
-    return torch.nn.functional.pad(tensor, (0, 0, columns, 0)) if columns > 0 else tensor
+    return torch.nn.functional.pad(mask, (width - mask.shape[1], 0)) if mask.shape[1] < width else mask
 
 
 def _text_config(model):

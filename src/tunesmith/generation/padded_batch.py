@@ -77,9 +77,13 @@ class PaddedBatch:
     def row_cache(self, row: int, model):
         """Row `row` alone, its padding removed: a single-row cache for the prefix cache."""
         cache, real = new_cache(model), self.mask[row].bool()
+        first = int(real.long().argmax())
+        if bool(real[first:].all()):  # padding only in front (the usual case): a plain copy of the rest
+            real = slice(first, None)
         for mine, layer in zip(self.cache.layers, cache.layers):
             layer.lazy_initialization(mine.keys, mine.values)
-            layer.keys, layer.values = mine.keys[row:row + 1, :, real], mine.values[row:row + 1, :, real]
+            layer.keys = mine.keys[row:row + 1, :, real].clone()
+            layer.values = mine.values[row:row + 1, :, real].clone()
         return cache
 
     def merge(self, other: PaddedBatch) -> None:

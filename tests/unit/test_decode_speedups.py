@@ -108,3 +108,36 @@ def test_stacked_rows_are_right_aligned_behind_zeros_and_keep_appending_in_place
     new = states(4, 1, seed=2)
     keys, _ = layer.update(*new)
     assert layer._buffers[0] is buffer and torch.equal(keys[:, :, -1:], new[0])
+
+
+def test_rows_join_into_free_rows_and_leaving_rows_are_replaced_by_the_last_ones():
+    layer = growing_layer_class()()
+    layer.stack_rows([states(3, 6, seed=0)], width=6)
+    buffer = layer._buffers[0]
+    joining = states(2, 4, seed=1)
+    layer.append_rows(*joining)
+    assert layer._buffers[0] is buffer, "room for the joining rows: no copy of the rows held"
+    assert torch.equal(layer.keys[3:, :, 2:], joining[0]) and not layer.keys[3:, :, :2].any()
+    before = layer.keys.clone()
+    layer.move_rows([0, 4, 2, 3])  # row 1 left: the last row takes its place
+    assert layer._buffers[0] is buffer
+    assert torch.equal(layer.keys, before[[0, 4, 2, 3]])
+
+
+def test_padded_batch_remove_returns_the_order_its_rows_now_have(tiny_model_dir):
+    from tunesmith.generation.padded_batch import PaddedBatch, new_cache
+
+    model = load_model(tiny_model_dir)
+    caches = []
+    for length in (5, 3, 4, 2, 6):
+        cache = new_cache(model)
+        for layer in cache.layers:
+            layer.update(*states(1, length, seed=length))
+        caches.append(cache)
+    batch = PaddedBatch.of_prefixes(model, caches, [5, 3, 4, 2, 6])
+    keys_before, mask_before = batch.cache.layers[0].keys.clone(), batch.mask.clone()
+    order = batch.remove([1, 3])
+    assert sorted(order) == [0, 2, 4] and order[0] == 0 and order[2] == 2
+    width = batch.mask.shape[1]
+    assert torch.equal(batch.cache.layers[0].keys, keys_before[order][:, :, -width:])
+    assert torch.equal(batch.mask, mask_before[order][:, -width:])

@@ -363,10 +363,9 @@ class BatchingEngine:
 
     def _drop_cancelled(self) -> None:
         for group in self.groups:
-            keep = [i for i, row in enumerate(group.rows) if not self._gone(row.handle)]
-            if len(keep) < len(group.rows):
-                group.batch.keep(keep)
-                group.rows = [group.rows[i] for i in keep]
+            gone = [i for i, row in enumerate(group.rows) if self._gone(row.handle)]
+            if gone:
+                group.rows = [group.rows[i] for i in group.batch.remove(gone)]
         if self._prefilling is not None and self._gone(self._prefilling.handle):
             self._prefilling = None
         with self._wakeup:
@@ -452,10 +451,8 @@ class BatchingEngine:
         output = group.forward(inputs.pop("input_ids"), [p.route.adapter for p in together], logits_to_keep=1,
                                **inputs)
         for row, (pending, prompt) in enumerate(zip(together, prompts)):
-            if len(together) == 1:
-                self.prefixes.store((group.key, pending.route.adapter), prompt, batch.cache)
-            else:
-                self.prefixes.store((group.key, pending.route.adapter), prompt, batch.row_cache(row, group.model))
+            # A copy: the batch's buffers are written in place as rows come and go.
+            self.prefixes.store((group.key, pending.route.adapter), prompt, batch.row_cache(row, group.model))
         self._join(group, batch, together, output.logits[:, -1])
         return sum(len(prompt) - p.done for prompt, p in zip(prompts, together))
 
@@ -491,9 +488,8 @@ class BatchingEngine:
         group.batch.advance()
         finished = self._choose_and_accept(group.rows, output.logits[:, -1])
         if any(finished):
-            keep = [i for i, done in enumerate(finished) if not done]
-            group.batch.keep(keep)
-            group.rows = [group.rows[i] for i in keep]
+            order = group.batch.remove([i for i, done in enumerate(finished) if done])
+            group.rows = [group.rows[i] for i in order]
 
     def _choose_and_accept(self, rows: list[_Row], logits) -> list[bool]:
         """Pick a token for every row (grammar-masked where asked), hand each to its row; which rows finished."""

@@ -77,9 +77,13 @@ class PaddedBatch:
     def row_cache(self, row: int, model):
         """Row `row` alone, its padding removed: a single-row cache for the prefix cache."""
         cache, real = new_cache(model), self.mask[row].bool()
+        first = int(real.long().argmax())
+        if bool(real[first:].all()):  # padding only in front (the usual case): a plain copy of the rest
+            real = slice(first, None)
         for mine, layer in zip(self.cache.layers, cache.layers):
             layer.lazy_initialization(mine.keys, mine.values)
-            layer.keys, layer.values = mine.keys[row:row + 1, :, real], mine.values[row:row + 1, :, real]
+            layer.keys = mine.keys[row:row + 1, :, real].clone()
+            layer.values = mine.values[row:row + 1, :, real].clone()
         return cache
 
     def merge(self, other: PaddedBatch) -> None:
@@ -93,9 +97,30 @@ class PaddedBatch:
             return
         width = max(self.mask.shape[1], other.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.stack_rows([(mine.keys, mine.values), (theirs.keys, theirs.values)], width)
+            mine.append_rows(theirs.keys, theirs.values)  # in free rows when they fit, else one copy of all
         self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(other.mask, width)])
         self.positions = torch.cat([self.positions, other.positions])
+
+    def remove(self, leaving: list[int]) -> list[int]:
+        """Drop the rows `leaving`; the last rows move into their places, so only moved rows are copied. Returns the
+        new row order as old row indices (the caller reorders its own rows the same way)."""
+        import torch
+
+        gone = set(leaving)
+        if not gone:
+            return list(range(self.size))
+        size = self.size - len(gone)
+        movers = iter([row for row in range(self.size - 1, size - 1, -1) if row not in gone])
+        order = [next(movers) if row in gone else row for row in range(size)]
+        if not order:
+            self.cache = self.mask = self.positions = None
+            return order
+        for layer in self.cache.layers:
+            layer.move_rows(order)
+        index = torch.tensor(order, dtype=torch.long, device=self.mask.device)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        self._drop_padding_columns()
+        return order
 
     def keep(self, rows: list[int]) -> None:
         """Keep only `rows` (in that order; a row listed twice is copied), then drop the columns that are padding
@@ -108,6 +133,10 @@ class PaddedBatch:
         index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         self.cache.batch_select_indices(index)
         self.mask, self.positions = self.mask[index], self.positions[index]
+        self._drop_padding_columns()
+
+    def _drop_padding_columns(self) -> None:
+        """Forget the columns that are padding for every row (at the front)."""
         start = int(self.mask.any(dim=0).long().argmax())
         if start:
             for layer in self.cache.layers:

@@ -36,8 +36,8 @@ def growing_layer_class():
                 self.lazy_initialization(key_states, value_states)
             held, new = self.get_seq_length(), key_states.shape[-2]
             if not self._owns_views() or self._start + held + new > self._buffers[0].shape[-2]:
-                self._buffers = (_with_room(self.keys, key_states, held), _with_room(self.values, value_states, held))
-                self._start, self._rows = 0, key_states.shape[0]
+                held_part = (self.keys, self.values) if held else (key_states[:, :, :0], value_states[:, :, :0])
+                self.stack_rows([held_part], held, extra=new)
             end, rows = self._start + held, slice(0, self._rows)
             self._buffers[0][rows, :, end:end + new] = key_states
             self._buffers[1][rows, :, end:end + new] = value_states
@@ -82,10 +82,8 @@ def growing_layer_class():
         def move_rows(self, order: list[int]) -> None:
             """Keep `len(order)` rows, row i taking what row order[i] holds; a row that moves must not be the
             destination of another (the padded batch moves last rows into the places of rows that left)."""
-            if self.get_seq_length() == 0:
-                return
             if not self._owns_views():
-                super().batch_select_indices(order)
+                self.batch_select_indices(order)
                 return
             held = self.get_seq_length()
             window = slice(self._start, self._start + held)
@@ -96,17 +94,17 @@ def growing_layer_class():
             self._rows = len(order)
             self._show(held)
 
-        def stack_rows(self, parts: list, width: int) -> None:
+        def stack_rows(self, parts: list, width: int, extra: int = 0) -> None:
             """Hold the rows of `parts` in this order: (keys, values) of [rows, heads, tokens, dim], or None for one
             row with nothing yet, each right-aligned at `width` tokens behind zeros (left padding, masked out), in one
-            new buffer with room: joining rows costs one copy of the batch, not a copy per pad, concatenation and
-            first append."""
+            new buffer with room (`extra` more columns for tokens about to be appended): joining rows costs one copy
+            of the batch, not a copy per pad, concatenation and first append."""
             like_keys, like_values = next(part for part in parts if part is not None)
             if not self.is_initialized:
                 self.lazy_initialization(like_keys, like_values)
             counts = [1 if part is None else part[0].shape[0] for part in parts]
             capacity = sum(counts) + max(ROOM_ROWS, sum(counts) // 2)
-            buffers = tuple(like.new_empty(capacity, like.shape[1], width + ROOM_TOKENS, like.shape[3])
+            buffers = tuple(like.new_empty(capacity, like.shape[1], width + extra + ROOM_TOKENS, like.shape[3])
                             for like in (like_keys, like_values))
             row = 0
             for part, count in zip(parts, counts):
@@ -130,11 +128,3 @@ def growing_layer_class():
 
     return GrowingLayer
 
-
-def _with_room(held, new, length: int):
-    """A buffer for `length` held tokens plus `new` and ROOM_TOKENS more, the held ones copied in."""
-    rows, heads, _, dim = new.shape
-    buffer = new.new_empty(rows, heads, length + new.shape[-2] + ROOM_TOKENS, dim)
-    if length:
-        buffer[:, :, :length] = held
-    return buffer

@@ -3,7 +3,8 @@
 Each row keeps its own keys and values; rows shorter than the longest are padded on the left and masked out, so one
 forward pass decodes a token for every row. Prompts prefilled together are padded too (a row may then hold padding
 between a reused prefix and the rest of its prompt: the mask hides it, positions skip it). Joining pads whichever
-side is shorter; leaving drops the row and any columns that became padding for every remaining row.
+side is shorter; a row that leaves gives its place to the last row, and columns that became padding for every
+remaining row are dropped.
 """
 
 from __future__ import annotations
@@ -154,7 +155,6 @@ class PaddedBatch:
     def advance(self) -> None:
         """After a forward pass: every row is one token longer."""
         self.positions = self.positions + 1
-
 
 
 def _pad_mask(mask, width: int):

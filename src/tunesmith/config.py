@@ -219,8 +219,8 @@ class EvaluateConfig(_Section):
     """Evaluate on at most this many held-out examples (all when unset)."""
     max_new_tokens: int = 128
     """Generation budget per answer; answers that hit it count as 'did not stop'."""
-    batch_size: int = 16
-    """Prompts generated together (left-padded batch with KV cache)."""
+    batch_size: int = 32
+    """Prompts decoded together by the continuous-batching engine (rows join and leave at every step); 32 is ~1.2x faster than 16 on CPU at the cost of a few MiB of KV cache per row."""
     test_file: str | None = None
     """Held-out chat file to evaluate on instead of the run's own validation split, or `parent`: the validation split of the run this one continued from (`train.init_from`), e.g. for DPO on pairs mined from the parent's training prompts."""
     temperature: float = Field(0.0, ge=0)

@@ -266,6 +266,41 @@ def old_checkout(commit: str, target: Path):
         subprocess.run(["git", "worktree", "remove", "--force", str(target)], cwd=ROOT, capture_output=True)
 
 
+OLD_CONFIG_FILTER = """
+import sys, yaml
+from pydantic import BaseModel
+from tunesmith.config import RunConfig
+
+def known(model, values):
+    kept = {}
+    for key, value in values.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            continue
+        inner = field.annotation
+        nested = isinstance(inner, type) and issubclass(inner, BaseModel) and isinstance(value, dict)
+        kept[key] = known(inner, value) if nested else value
+    return kept
+
+print(yaml.safe_dump(known(RunConfig, yaml.safe_load(sys.stdin.read()))))
+"""
+
+
+def old_run_dir(run_dir: Path, old_src: Path, target: Path) -> Path:
+    """The run as the old commit can read it: links to every file, and a config.yaml without the options added
+    since (the old server refuses options it does not know)."""
+    target.mkdir(parents=True)
+    for entry in run_dir.iterdir():
+        if entry.name != "config.yaml":
+            (target / entry.name).symlink_to(entry.resolve())
+    kept = subprocess.run([sys.executable, "-c", OLD_CONFIG_FILTER], input=(run_dir / "config.yaml").read_text(),
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(old_src)})
+    if kept.returncode:
+        raise SystemExit(f"could not reduce the run's config to the old commit's options: {kept.stderr[-300:]}")
+    (target / "config.yaml").write_text(kept.stdout)
+    return target
+
+
 def adapter_copies(run_dir: Path, scratch: Path, count: int) -> list[Path]:
     """The run plus count-1 copies under other names: the same weights, but separate adapters to the server."""
     from tunesmith.registry.run import Run
@@ -396,7 +431,8 @@ def bench_tunesmith(args, prompts: list[list[dict]], scratch: Path) -> tuple[lis
     loads, rss = [], {}
     if "old" in args.engines:
         with old_checkout(args.old_commit, scratch / "old-worktree") as old_src:
-            loads += measure("old one-at-a-time", [*serve, str(run_dir)], [single, (args.clients, args.old_requests)],
+            old_run = old_run_dir(run_dir, old_src, scratch / "old-run")
+            loads += measure("old one-at-a-time", [*serve, str(old_run)], [single, (args.clients, args.old_requests)],
                              prompts, args, scratch / "old.log", env={"PYTHONPATH": str(old_src)})[0]
     if "new" in args.engines:
         found, rss[1] = measure("tunesmith", [*serve, str(run_dir)], [single, concurrent], prompts, args,

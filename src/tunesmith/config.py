@@ -342,7 +342,7 @@ class ServeConfig(_Section):
     request_timeout: float = Field(600, gt=0)
     """Seconds a request may take in all before it is dropped (503 with Retry-After)."""
     threads: int = Field(0, ge=0)
-    """CPU threads the engine computes with; 0: all cores but one, left to the HTTP side (1.4x faster measured)."""
+    """CPU threads the engine computes with; 0: every core (2 cores, 16 clients: 1.45x one thread's tok/s)."""
     drain_seconds: float = Field(30, ge=0)
     """On SIGTERM or Ctrl-C: seconds the requests in flight get to finish before the server exits."""
     routes: dict[str, RouteConfig] = {}

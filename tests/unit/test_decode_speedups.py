@@ -1,5 +1,5 @@
-"""The two decode-step speed-ups under the engine: a KV cache that appends in place, and oneDNN-packed linear layers.
-Both must be invisible: the same keys, values and logits as transformers' own path, and the model given back intact."""
+"""The decode-step speed-ups under the engine: a KV cache that appends in place, and oneDNN-packed linear layers
+(siblings that multiply the same input fused into one product). All must be invisible: the same keys, values and logits as transformers' own path, and the model given back intact."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from tunesmith.generation.growing_cache import ROOM_TOKENS, growing_layer_class
-from tunesmith.generation.packed_linear import can_pack, pack, packed_linear_class, unpack
+from tunesmith.generation.packed_linear import (FusedProduct, can_pack, fused_member_class, pack, packed_linear_class,
+                                                unpack)
 from tunesmith.models import load_model
 
 
@@ -62,9 +63,13 @@ def test_packed_model_gives_the_same_logits_and_unpack_restores_every_weight_bit
     with torch.inference_mode():
         expected = model(input_ids=ids).logits
     packed = pack(model)
-    layer_class = packed_linear_class()
-    linears = [m for m in model.modules() if type(m) is layer_class]
+    layer_class, member_class = packed_linear_class(), fused_member_class()
+    linears = [m for m in model.modules() if type(m) in (layer_class, member_class)]
     assert packed == len(linears) > 0
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attention.q_proj.fused is attention.k_proj.fused is attention.v_proj.fused, "q, k, v: one product"
+    assert mlp.gate_proj.fused is mlp.up_proj.fused is not attention.q_proj.fused
+    assert type(attention.o_proj) is layer_class and type(mlp.down_proj) is layer_class, "their inputs are their own"
     released = [m for m in linears if m.released]
     assert released and all(m.weight.numel() == 0 for m in released), "packed layers keep one copy of the weight"
     head = model.get_output_embeddings()
@@ -74,13 +79,32 @@ def test_packed_model_gives_the_same_logits_and_unpack_restores_every_weight_bit
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
     unpack(model)
-    assert not any(type(m) is layer_class for m in model.modules())
+    assert not any(type(m) in (layer_class, member_class) for m in model.modules())
     after = model.state_dict()
     assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
     model.train()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()  # the model trains afterwards as if it had never been packed
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_a_fused_member_always_returns_its_own_product_of_what_it_was_given():
+    generator = torch.Generator().manual_seed(0)
+    layers = [torch.nn.Linear(32, size, bias=bias) for size, bias in ((32, True), (16, False), (24, True))]
+    fused = FusedProduct(layers)
+    x, y = torch.randn(3, 32, generator=generator), torch.randn(3, 32, generator=generator)
+
+    def check(index, tensor):
+        torch.testing.assert_close(fused.output(index, tensor), layers[index](tensor), atol=1e-5, rtol=1e-5)
+
+    with torch.no_grad():
+        check(0, x), check(1, x), check(2, x)  # the usual order: one product, slices of it
+        check(0, x), check(0, x)  # a member called twice with one input
+        check(1, y)  # a different input than the one multiplied
+        check(2, x)
+        x.mul_(2)  # the same tensor, changed in place: multiplied afresh
+        check(0, x), check(2, x)
 
 
 def test_peft_layers_keep_their_dense_weights_while_packed(tiny_model_dir):

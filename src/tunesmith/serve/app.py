@@ -185,7 +185,7 @@ def run_server(references: list[str] | Path | str, settings: ServeConfig | None 
     settings = settings or ServeConfig()
     if not torch.cuda.is_available():
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-        torch.set_num_threads(settings.threads or max(1, cores - 1))
+        torch.set_num_threads(settings.threads or cores)
 
     references = [str(references)] if isinstance(references, (str, Path)) else list(references)
     targets = resolve_targets(references)

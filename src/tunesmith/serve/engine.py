@@ -23,6 +23,7 @@ from tunesmith.data.template import generation_prompt_ids
 from tunesmith.errors import TunesmithError
 from tunesmith.generation.constraints import GrammarCompiler
 from tunesmith.generation.engine import BatchingEngine, RequestHandle
+from tunesmith.generation.passing_thread import in_passing_thread
 from tunesmith.generation.requests import ChoiceUpdate, Event, Failed, GenerationRequest, SamplingParams
 from tunesmith.serve.loading import ModelLoader, ServedModel
 from tunesmith.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ResponseFormat
@@ -89,7 +90,8 @@ class ServingEngine:
     def from_targets(cls, targets: list[ServedTarget], serve_base: bool = True, device: str | None = None,
                      **settings) -> ServingEngine:
         loader = ModelLoader(device)
-        return cls(loader.load_targets(targets, serve_base), loader=loader,
+        loaded = in_passing_thread(lambda: loader.load_targets(targets, serve_base))  # see passing_thread
+        return cls(loaded, loader=loader,
                    aliases=[target.name for target in targets if target.follows_alias], **settings)
 
     @classmethod
@@ -279,7 +281,7 @@ class ServingEngine:
         if loaded is not None and self.batching.keep_route(engine_name).result():
             self._retiring.discard(engine_name)
             return engine_name
-        version, prepare = self.loader.load_version(target)
+        version, prepare = in_passing_thread(lambda: self.loader.load_version(target))
         self.batching.add_route(engine_name, version.route, prepare).result()
         self.versions[engine_name] = version
         return engine_name

@@ -234,9 +234,16 @@ def _open_dropped(path: Path, mode: str):
     return path.open(mode, encoding="utf-8", errors="backslashreplace")
 
 
+LINE_BREAKS_JSON_KEEPS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+"""Characters json.dumps leaves raw that Python's str.splitlines (and so many JSONL readers) splits lines at."""
+
+
 def _write_dropped(handle, path: Path, line: int, reason: str, message: str, raw: str) -> None:
-    handle.write(json.dumps({"source": str(path), "line": line, "reason": reason, "message": message,
-                             "row": raw}, ensure_ascii=False) + "\n")
+    text = json.dumps({"source": str(path), "line": line, "reason": reason, "message": message, "row": raw},
+                      ensure_ascii=False)
+    for char, escape in LINE_BREAKS_JSON_KEEPS.items():
+        text = text.replace(char, escape)  # only inside strings, where the escape means the same character
+    handle.write(text + "\n")
 
 
 def _one_format(path: Path, seen: dict[str, list[int]]) -> str:

@@ -302,3 +302,30 @@ def test_requests_uvicorn_cannot_parse_still_get_an_openai_error_body(server_url
         assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, reply[:200]
         assert json.loads(body)["error"]["type"] == "invalid_request_error"
     assert httpx.get(f"{server_url}/health").status_code == 200
+
+
+def test_bf16_serving_holds_bf16_weights_and_computes_what_fp32_does_within_its_rounding(run_dir):
+    import torch
+
+    from tunesmith.data.template import generation_prompt_ids
+    from tunesmith.generation.packed_linear import fused_member_class, packed_linear_class
+    from tunesmith.models import load_with_adapter
+    from tunesmith.precision import cpu_supports_bf16
+
+    engine = ServingEngine.from_references([str(run_dir)], precision="bf16", device="cpu")
+    group = engine.models[engine.adapter_name].route.group
+    assert {p.dtype for p in group.model.parameters()} == {torch.bfloat16}
+    if cpu_supports_bf16():  # bf16 weights are packed for oneDNN only where the CPU computes bf16 natively
+        packed = (packed_linear_class(), fused_member_class())
+        assert any(type(module) in packed for module in group.model.modules())
+    source = json.loads((run_dir / "manifest.json").read_text())["base_model"]["source"]
+    ids = torch.tensor([generation_prompt_ids(engine.tokenizer, PROMPT)])
+    with torch.inference_mode():
+        expected = load_with_adapter(source, run_dir / "adapter")(input_ids=ids).logits[0]
+        group.adapter_rows.select([engine.models[engine.adapter_name].route.adapter], ids.device)
+        got = group.model(input_ids=ids).logits[0].float()
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() < 0.05 * scale, "bf16 rounding only"
+    assert got.argmax(-1).eq(expected.argmax(-1)).float().mean() > 0.9
+    reply = engine.generate(ChatCompletionRequest(model="orders", messages=PROMPT, max_tokens=6, temperature=0))
+    assert reply.completion_tokens > 0

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from functools import cache
 
+from tunesmith.precision import cpu_supports_bf16
+
 MIN_FEATURES = 16
 """Thinner layers (a low-rank adapter's A and B at small ranks) gain nothing from packing."""
 
@@ -90,7 +92,8 @@ def can_pack(model) -> bool:
     import torch
 
     weight = next(model.parameters())
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    dtypes = (torch.float32, torch.bfloat16) if cpu_supports_bf16() else (torch.float32,)
+    return weight.device.type == "cpu" and weight.dtype in dtypes and torch.backends.mkldnn.is_available()
 
 
 def pack(model) -> int:

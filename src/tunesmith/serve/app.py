@@ -192,7 +192,8 @@ def run_server(references: list[str] | Path | str, settings: ServeConfig | None 
     named = {target.name for target in targets}  # route arms not served yet are registry references to add
     unserved = list(dict.fromkeys(arm for route in settings.routes.values() for arm in route.arms() if arm not in named))
     targets += resolve_targets(unserved) if unserved else []
-    engine = ServingEngine.from_targets(targets, serve_base, default_max_tokens=settings.max_new_tokens,
+    engine = ServingEngine.from_targets(targets, serve_base, precision=settings.precision,
+                                        default_max_tokens=settings.max_new_tokens,
                                         max_batch=settings.max_batch, max_waiting=settings.max_waiting,
                                         request_timeout=settings.request_timeout)
     gateway = Gateway.from_settings(engine, settings)

@@ -88,8 +88,9 @@ class ServingEngine:
 
     @classmethod
     def from_targets(cls, targets: list[ServedTarget], serve_base: bool = True, device: str | None = None,
-                     **settings) -> ServingEngine:
-        loader = ModelLoader(device)
+                     precision: str = "fp32", **settings) -> ServingEngine:
+        """`precision`: fp32, bf16, or auto (bf16 where the CPU or GPU computes it natively)."""
+        loader = ModelLoader(device, precision)
         loaded = in_passing_thread(lambda: loader.load_targets(targets, serve_base))  # see passing_thread
         return cls(loaded, loader=loader,
                    aliases=[target.name for target in targets if target.follows_alias], **settings)

@@ -21,6 +21,7 @@ from tunesmith.generation.multi_lora import (
     unsupported_reason,
 )
 from tunesmith.models import attach_adapter, load_model, load_tokenizer, refuse_pickled_weights
+from tunesmith.precision import pick_precision
 from tunesmith.serve.targets import ServedTarget
 
 
@@ -45,10 +46,13 @@ class ModelLoader:
     """Loads versions onto one device and keeps what later versions share: one copy of each base (by base key),
     one tokenizer per set of tokenizer files, one engine-side decoder per tokenizer."""
 
-    def __init__(self, device: str | None = None):
+    def __init__(self, device: str | None = None, precision: str = "fp32"):
         import torch
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = torch.bfloat16 if pick_precision(precision) == "bf16" else torch.float32
+        """What the weights are computed in; bf16 rounds them after merging (a merged adapter keeps full precision
+        until then)."""
         self.bases: dict[str, ModelGroup] = {}
         self._tokenizers: dict[str, object] = {}  # by the hashes of the tokenizer files
         self._decoders: dict[int, tuple[object, object]] = {}  # id -> (tokenizer, decoder): holding it keeps its id
@@ -135,19 +139,19 @@ class ModelLoader:
         if peft_model is not None and stackable:
             # The first version named on this base is merged into it: its rows then cost what the base alone does.
             model, rows = stack_adapters(peft_model, [name for _, name in stackable], merge_first=True)
-            group = ModelGroup(model.to(self.device), adapter_rows=rows)
+            group = ModelGroup(model.to(self.device, self.dtype), adapter_rows=rows)
             for target, name in stackable:
                 placed[target.engine_name] = (group, name, "")
         else:  # no adapter shares this base (those that tried got copies of their own)
-            group = ModelGroup(load_model(base_key).to(self.device))
+            group = ModelGroup(load_model(base_key).to(self.device, self.dtype))
         self.bases[base_key] = group
         return placed
 
     def _own_model(self, target: ServedTarget) -> ModelGroup:
-        return ModelGroup(load_model(target.run.weights_dir).to(self.device))
+        return ModelGroup(load_model(target.run.weights_dir).to(self.device, self.dtype))
 
     def _own_copy(self, target: ServedTarget, reason: str) -> tuple[ModelGroup, None, str]:
-        own = attach_adapter(load_model(target.base_key), target.run.weights_dir, "own").to(self.device)
+        own = attach_adapter(load_model(target.base_key), target.run.weights_dir, "own").to(self.device, self.dtype)
         return ModelGroup(own), None, f"decodes on a base copy of its own: {reason}"
 
     def _serve_base(self, target: ServedTarget, served: dict[str, ServedModel]) -> None:

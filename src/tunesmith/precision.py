@@ -1,0 +1,24 @@
+"""Which precision pays off on the machine we run on (training's autocast, serving's weights)."""
+
+from __future__ import annotations
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_precision(requested: str) -> str:
+    """`bf16` or `fp32`; `auto` picks bf16 on CUDA GPUs that support it and on CPUs with bf16 instructions."""
+    import torch
+
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_supports_bf16() else "fp32"

@@ -2,8 +2,9 @@
 
 C clients (default 16) send quickstart-style prompts back to back, streaming, greedy, up to 64 new tokens each.
 Baselines in the same invocation: the old one-at-a-time `tunesmith serve` (a git worktree of --old-commit),
-`transformers serve --continuous-batching` on the merged model, and llama.cpp's `llama-server` (f16 GGUF, 16 slots,
-2 threads) when a binary is found. Each row prints output tokens/s and its ratio to the old server, p50/p99 latency,
+`transformers serve --continuous-batching` on the merged model (its fp32 weights, and in bf16), and llama.cpp's
+`llama-server` (f16 GGUF, 16 slots, 2 threads) when a binary is found. tunesmith runs at its default precision (auto:
+bf16 on CPUs with bf16 instructions) and, as "tunesmith fp32", at the old server's. Each row prints output tokens/s and its ratio to the old server, p50/p99 latency,
 p50 time to first token and the share of answers identical to the old server's one-at-a-time greedy answers; then
 the 4-adapter throughput as a ratio of the single-adapter one, and the server's RSS with 1 vs 4 adapters.
 Run (under the shared bench lock), after `tunesmith run examples/quickstart/config.yaml`:
@@ -31,7 +32,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ("old", "new", "adapters", "transformers", "llama")
+ENGINES = ("old", "new", "new-fp32", "adapters", "transformers", "transformers-bf16", "llama")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 PLAIN_OUTPUT = {"NO_COLOR": "1", "COLUMNS": "200"}  # servers' error messages stay readable in our one-line report
 BOX_DRAWING = dict.fromkeys(range(0x2500, 0x2580))
@@ -438,6 +439,11 @@ def bench_tunesmith(args, prompts: list[list[dict]], scratch: Path) -> tuple[lis
         found, rss[1] = measure("tunesmith", [*serve, str(run_dir)], [single, concurrent], prompts, args,
                                 scratch / "new.log")
         loads += found
+    if "new-fp32" in args.engines:  # serve.precision auto picks bf16 on CPUs with bf16 instructions
+        fp32 = scratch / "fp32.yaml"
+        fp32.write_text(json.dumps({"serve": {"precision": "fp32"}}))  # JSON is YAML
+        loads += measure("tunesmith fp32", [*serve, "--config", str(fp32), str(run_dir)], [concurrent], prompts, args,
+                         scratch / "fp32.log")[0]
     if "adapters" in args.engines:
         from tunesmith.registry.run import Run
 
@@ -450,13 +456,18 @@ def bench_tunesmith(args, prompts: list[list[dict]], scratch: Path) -> tuple[lis
 
 def bench_baselines(args, prompts: list[list[dict]], scratch: Path) -> list[Load]:
     """`transformers serve --continuous-batching` and llama-server, both on the merged model."""
-    if not {"transformers", "llama"} & set(args.engines):
+    if not {"transformers", "transformers-bf16", "llama"} & set(args.engines):
         return []
     loads, merged = [], merged_folder(args.run, scratch / "merged")
     if "transformers" in args.engines:
         command = [str(Path(sys.executable).parent / "transformers"), "serve", str(merged), "--continuous-batching"]
         loads += measure("transformers serve CB", command, [(args.clients, args.requests)], prompts, args,
                          scratch / "transformers.log", models=[str(merged)], env=OFFLINE)[0]
+    if "transformers-bf16" in args.engines:  # the same weights in bf16, as tunesmith serves them where bf16 is native
+        command = [str(Path(sys.executable).parent / "transformers"), "serve", str(merged), "--continuous-batching",
+                   "--dtype", "bfloat16"]
+        loads += measure("transformers serve CB bf16", command, [(args.clients, args.requests)], prompts, args,
+                         scratch / "transformers-bf16.log", models=[str(merged)], env=OFFLINE)[0]
     if "llama" in args.engines:
         loads += bench_llama_server(args.llama_server, merged, scratch, prompts, args)
     return loads

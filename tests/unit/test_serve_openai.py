@@ -17,6 +17,7 @@ import jsonschema
 import pytest
 from conftest import serving_on_loopback
 
+from tunesmith.precision import cpu_supports_bf16
 from tunesmith.serve.app import build_app
 from tunesmith.serve.engine import ServingEngine
 from tunesmith.serve.protocol import ChatCompletionRequest
@@ -163,6 +164,8 @@ def test_sigterm_finishes_the_streams_in_flight_then_exits(runs):
         assert finish[-1] in {"stop", "length"}  # the answer ran to its end, not cut by the shutdown
         assert server.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
         assert "Traceback" not in server.stderr.read()
+        expected = "bf16" if cpu_supports_bf16() else "fp32"  # serve.precision auto: bf16 where the CPU has it
+        assert f"computing in {expected} on cpu" in server.stdout.read()
     finally:
         if server.poll() is None:
             server.kill()

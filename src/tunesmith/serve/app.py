@@ -206,6 +206,9 @@ def run_server(references: list[str] | Path | str, settings: ServeConfig | None 
     print(f"Serving {', '.join(gateway.visible_models(None))} at http://{host}:{settings.port}/v1 "
           f"(OpenAI-compatible; API keys {'required' if gateway.keys_required() else 'off'}; request log in "
           f"{gateway.request_log.directory})", flush=True)
+    precision = "bf16" if "bfloat16" in str(engine.loader.dtype) else "fp32"
+    print(f"  computing in {precision} on {engine.loader.device} with {torch.get_num_threads()} threads "
+          f"(serve.precision: {settings.precision}, serve.threads: {settings.threads or 'every core'})", flush=True)
     for name in engine.list_models():
         if engine.models[name].note:
             print(f"  {name} {engine.models[name].note}", flush=True)

@@ -310,7 +310,7 @@ def test_bf16_serving_holds_bf16_weights_and_computes_what_fp32_does_within_its_
     from tunesmith.data.template import generation_prompt_ids
     from tunesmith.generation.packed_linear import fused_member_class, packed_linear_class
     from tunesmith.models import load_with_adapter
-    from tunesmith.precision import cpu_supports_bf16
+    from tunesmith.machine import cpu_supports_bf16
 
     engine = ServingEngine.from_references([str(run_dir)], precision="bf16", device="cpu")
     group = engine.models[engine.adapter_name].route.group

@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 from conftest import serving_on_loopback
 
-from tunesmith.precision import cpu_supports_bf16
+from tunesmith.machine import cpu_supports_bf16
 from tunesmith.serve.app import build_app
 from tunesmith.serve.engine import ServingEngine
 from tunesmith.serve.protocol import ChatCompletionRequest

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from tunesmith.precision import cpu_supports_bf16
+from tunesmith.machine import cpu_supports_bf16
 
 MIN_FEATURES = 16
 """Thinner layers (a low-rank adapter's A and B at small ranks) gain nothing from packing."""
@@ -119,7 +119,8 @@ def pack(model) -> int:
             for index, module in enumerate(members):
                 module.fused, module.fused_index = fused, index
                 module.__class__ = member_class
-                packed += _release(module, shared, wrapped)
+                _release(module, shared, wrapped)
+                packed += 1
         for module in candidates:
             if type(module) is not torch.nn.Linear:
                 continue
@@ -128,16 +129,16 @@ def pack(model) -> int:
             except RuntimeError:  # a build or CPU oneDNN cannot serve: that layer stays as it was
                 continue
             module.__class__ = layer_class
-            packed += _release(module, shared, wrapped)
+            _release(module, shared, wrapped)
+            packed += 1
     return packed
 
 
-def _release(module, shared: set[int], wrapped: set[int]) -> int:
-    """Drop the dense weight of a packed layer unless another module shares it or peft reads it; 1 (one packed)."""
+def _release(module, shared: set[int], wrapped: set[int]) -> None:
+    """Drop the dense weight of a packed layer unless another module shares it or peft reads it."""
     module.released = id(module.weight) not in shared and id(module) not in wrapped
     if module.released:
         module.weight.data = module.weight.data.new_empty(0)
-    return 1
 
 
 def unpack(model) -> None:

@@ -12,6 +12,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from tunesmith.config import ServeConfig
 from tunesmith.generation.requests import GenerationRequest
+from tunesmith.machine import set_cpu_threads
 from tunesmith.serve.answers import (
     ChoiceCollector,
     JobEvents,
@@ -177,15 +178,12 @@ def run_server(references: list[str] | Path | str, settings: ServeConfig | None 
                extend: Callable[[ServingEngine, Gateway], ServerExtension] | None = None) -> None:
     """Load the served versions and serve them behind the gateway until SIGTERM/Ctrl-C, which stops taking requests
     and lets those in flight finish for up to `settings.drain_seconds`."""
-    import os
-
     import torch
     import uvicorn
 
     settings = settings or ServeConfig()
     if not torch.cuda.is_available():
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-        torch.set_num_threads(settings.threads or cores)
+        set_cpu_threads(settings.threads)
 
     references = [str(references)] if isinstance(references, (str, Path)) else list(references)
     targets = resolve_targets(references)
@@ -206,7 +204,7 @@ def run_server(references: list[str] | Path | str, settings: ServeConfig | None 
     print(f"Serving {', '.join(gateway.visible_models(None))} at http://{host}:{settings.port}/v1 "
           f"(OpenAI-compatible; API keys {'required' if gateway.keys_required() else 'off'}; request log in "
           f"{gateway.request_log.directory})", flush=True)
-    precision = "bf16" if "bfloat16" in str(engine.loader.dtype) else "fp32"
+    precision = "bf16" if engine.loader.dtype == torch.bfloat16 else "fp32"
     print(f"  computing in {precision} on {engine.loader.device} with {torch.get_num_threads()} threads "
           f"(serve.precision: {settings.precision}, serve.threads: {settings.threads or 'every core'})", flush=True)
     for name in engine.list_models():

@@ -21,7 +21,7 @@ from tunesmith.generation.multi_lora import (
     unsupported_reason,
 )
 from tunesmith.models import attach_adapter, load_model, load_tokenizer, refuse_pickled_weights
-from tunesmith.precision import pick_precision
+from tunesmith.machine import pick_precision
 from tunesmith.serve.targets import ServedTarget
 
 

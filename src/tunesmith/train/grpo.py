@@ -19,8 +19,7 @@ from tunesmith.models import load_tokenizer
 from tunesmith.registry.run import Run
 from tunesmith.registry.run_dir import staged_dir
 from tunesmith.train.checkpoints import resume_point, settings_of
-from tunesmith.precision import pick_precision
-from tunesmith.train.devices import set_cpu_threads
+from tunesmith.machine import pick_precision, set_cpu_threads
 from tunesmith.train.loop import LoopProgress
 from tunesmith.train.rewards import Reward, load_rewards
 from tunesmith.train.run_record import ADAPTER_DIR, FULL_MODEL_DIR, parent_of, record_trained, train_section

@@ -77,7 +77,7 @@ def plan_memory(config: RunConfig, device: Device, modes: tuple[str, ...] | None
     from transformers import AutoConfig
 
     from tunesmith.models import resolve_base_model
-    from tunesmith.precision import pick_precision
+    from tunesmith.machine import pick_precision
 
     source = resolve_base_model(config.base_model)
     model_config = _from_pretrained_config(AutoConfig, source)

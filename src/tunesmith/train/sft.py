@@ -20,8 +20,7 @@ from tunesmith.registry.run import Run
 from tunesmith.registry.run_dir import staged_dir
 from tunesmith.train.batches import StepPlan
 from tunesmith.train.checkpoints import CHECKPOINTS_DIR, resume_point, settings_of
-from tunesmith.precision import pick_precision
-from tunesmith.train.devices import set_cpu_threads
+from tunesmith.machine import pick_precision, set_cpu_threads
 from tunesmith.train.distributed import default_threads, make_accelerator
 from tunesmith.train.learning_rate import with_learning_rate
 from tunesmith.train.loop import LoopProgress, SftLoop, trained_token_loss_module

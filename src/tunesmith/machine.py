@@ -1,6 +1,9 @@
-"""Which precision pays off on the machine we run on (training's autocast, serving's weights)."""
+"""What the machine we run on offers: the precision that pays off (training's autocast, serving's weights) and its
+cores."""
 
 from __future__ import annotations
+
+import os
 
 
 def cpu_supports_bf16() -> bool:
@@ -22,3 +25,12 @@ def pick_precision(requested: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def set_cpu_threads(requested: int | None) -> int:
+    """Use the requested thread count, else every core this process may run on."""
+    import torch
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, requested or available))
+    return torch.get_num_threads()

@@ -186,3 +186,12 @@ def test_prompts_with_and_without_a_cached_prefix_prefill_together(tiny):
     assert engine.prefixes.reused_tokens > reused
     for request, got in zip(requests, events):
         assert text_of(got) == greedy_alone(model, tokenizer, request.prompt_ids, 9)
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token_instead_of_failing():
+    from tunesmith.generation.sampling import choose_tokens
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    generators = [torch.Generator().manual_seed(row) for row in range(3)]
+    chosen = choose_tokens(logits, [3e-178, 1e-300, 1e-30], [1.0, 0.9, 0.5], generators)
+    assert chosen == logits.argmax(dim=-1).tolist()

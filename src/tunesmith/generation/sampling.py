@@ -32,7 +32,9 @@ def _sample(logits, temperature: float, top_p: float, generator) -> int:
     """A sample from the temperature-scaled nucleus of `top_p` (which always keeps the most likely token)."""
     import torch
 
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # Shifted by the maximum and in float64: a tiny temperature (1e-178 is valid JSON) sends the others to -inf, never
+    # to nan (in float32 it rounded to 0 and 0/0 failed the request).
+    probs = torch.softmax((logits.double() - logits.max()) / temperature, dim=-1)
     if top_p < 1:
         ranked, order = probs.sort(descending=True)
         ranked = ranked * ((ranked.cumsum(0) - ranked) < top_p)

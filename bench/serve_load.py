@@ -4,8 +4,8 @@ C clients (default 16) send quickstart-style prompts back to back, streaming, gr
 Baselines in the same invocation: the old one-at-a-time `tunesmith serve` (a git worktree of --old-commit),
 `transformers serve --continuous-batching` on the merged model (its fp32 weights, and in bf16), and llama.cpp's
 `llama-server` (f16 GGUF, 16 slots, 2 threads) when a binary is found. tunesmith runs at its default precision (auto:
-bf16 on CPUs with bf16 instructions) and, as "tunesmith fp32", at the old server's. Each row prints output tokens/s and its ratio to the old server, p50/p99 latency,
-p50 time to first token and the share of answers identical to the old server's one-at-a-time greedy answers; then
+bf16 on CPUs with bf16 instructions) and, as "tunesmith fp32", at the old server's. Each row prints output tokens/s
+and its ratio to the old server, p50/p99 latency, p50 time to first token and the share of answers identical to the old server's one-at-a-time greedy answers; then
 the 4-adapter throughput as a ratio of the single-adapter one, and the server's RSS with 1 vs 4 adapters.
 Run (under the shared bench lock), after `tunesmith run examples/quickstart/config.yaml`:
     flock /tmp/tunesmith-bench.lock .venv/bin/python bench/serve_load.py --run runs/quickstart
@@ -459,15 +459,14 @@ def bench_baselines(args, prompts: list[list[dict]], scratch: Path) -> list[Load
     if not {"transformers", "transformers-bf16", "llama"} & set(args.engines):
         return []
     loads, merged = [], merged_folder(args.run, scratch / "merged")
-    if "transformers" in args.engines:
-        command = [str(Path(sys.executable).parent / "transformers"), "serve", str(merged), "--continuous-batching"]
-        loads += measure("transformers serve CB", command, [(args.clients, args.requests)], prompts, args,
-                         scratch / "transformers.log", models=[str(merged)], env=OFFLINE)[0]
-    if "transformers-bf16" in args.engines:  # the same weights in bf16, as tunesmith serves them where bf16 is native
-        command = [str(Path(sys.executable).parent / "transformers"), "serve", str(merged), "--continuous-batching",
-                   "--dtype", "bfloat16"]
-        loads += measure("transformers serve CB bf16", command, [(args.clients, args.requests)], prompts, args,
-                         scratch / "transformers-bf16.log", models=[str(merged)], env=OFFLINE)[0]
+    # The merged model's own fp32 weights, and the same in bf16, as tunesmith serves them where bf16 is native.
+    for engine, label, extra in (("transformers", "transformers serve CB", []),
+                                 ("transformers-bf16", "transformers serve CB bf16", ["--dtype", "bfloat16"])):
+        if engine in args.engines:
+            command = [str(Path(sys.executable).parent / "transformers"), "serve", str(merged),
+                       "--continuous-batching", *extra]
+            loads += measure(label, command, [(args.clients, args.requests)], prompts, args,
+                             scratch / f"{engine}.log", models=[str(merged)], env=OFFLINE)[0]
     if "llama" in args.engines:
         loads += bench_llama_server(args.llama_server, merged, scratch, prompts, args)
     return loads

@@ -27,10 +27,14 @@ def pick_precision(requested: str) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def set_cpu_threads(requested: int | None) -> int:
     """Use the requested thread count, else every core this process may run on."""
     import torch
 
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, requested or available))
+    torch.set_num_threads(max(1, requested or available_cores()))
     return torch.get_num_threads()

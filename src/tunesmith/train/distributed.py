@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from tunesmith.errors import TunesmithError
+from tunesmith.machine import available_cores
 
 PRECISION_TO_ACCELERATE = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
@@ -31,8 +32,7 @@ def launch_processes(nproc: int, command: list[str]) -> int:
 
 
 def _threads_per_process(nproc: int) -> int:
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, available // nproc)
+    return max(1, available_cores() // nproc)
 
 
 def default_threads(requested: int | None) -> int | None:

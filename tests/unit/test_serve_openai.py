@@ -171,30 +171,37 @@ def test_sigterm_finishes_the_streams_in_flight_then_exits(runs):
             server.kill()
 
 
-def test_both_ways_of_mixing_adapters_compute_the_same_update(engine, tiny_model_dir):
-    """Few adapters: one dense product over all of them, masked per row; many: per-row gathers. Same logits."""
+def test_every_way_of_mixing_adapters_computes_the_same_update(engine, monkeypatch):
+    """Sibling layers' updates together, each layer's own dense product over all adapters masked per row, and
+    per-row gathers (many adapters): the same logits, and the same as each row alone."""
     import torch
 
+    from tunesmith.generation import multi_lora
+    from tunesmith.generation.sibling_lora import group_siblings, ungroup_siblings
+
     group = engine.models["alpha"].route.group
-    layers = [m for m in group.model.modules() if hasattr(m, "dense_mix")]
     ids = torch.tensor([[5, 6, 7]] * 3)
     names = [engine.models["alpha"].route.adapter, None, engine.models["beta"].route.adapter]
+
+    def logits_of(rows_names, rows_ids):
+        group.adapter_rows.select(rows_names, rows_ids.device)
+        return group.model(input_ids=rows_ids).logits
+
     with torch.inference_mode():
-        logits = []
-        for dense in (True, False):
-            for layer in layers:
-                layer.dense_mix = dense
-            group.adapter_rows.select(names, ids.device)
-            logits.append(group.model(input_ids=ids).logits)
-        for layer in layers:
-            layer.dense_mix = True
-        alone = []
-        for name in names:
-            group.adapter_rows.select([name], ids.device)
-            alone.append(group.model(input_ids=ids[:1]).logits[0])
-    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(logits[0], torch.stack(alone), rtol=1e-4, atol=1e-4)
-    assert (logits[0][0] - logits[0][1]).abs().max() > 1e-3  # the adapter changed row 0
+        assert group_siblings(group.model, group.adapter_rows) > 0
+        siblings = logits_of(names, ids)
+        alone = torch.stack([logits_of([name], ids[:1])[0] for name in names])
+        ungroup_siblings(group.model)
+        each_layer = logits_of(names, ids)
+        monkeypatch.setattr(multi_lora, "DENSE_MIX_COLUMNS", 0)
+        gathered = logits_of(names, ids)
+        monkeypatch.undo()
+        group_siblings(group.model, group.adapter_rows)
+    torch.testing.assert_close(siblings, each_layer, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(siblings, gathered, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(siblings, alone, rtol=1e-4, atol=1e-4)
+    assert (siblings[0] - siblings[1]).abs().max() > 1e-3  # the adapter changed row 0
+    assert (siblings[2] - siblings[1]).abs().max() > 1e-3
 
 
 def test_hostile_text_completion_requests_get_no_5xx_and_leave_no_stuck_slot(server_url, engine):

@@ -22,10 +22,12 @@ from typing import Callable
 
 from tunesmith.errors import TunesmithError
 from tunesmith.generation.constraints import mask_logits
+from tunesmith.generation.multi_lora import AdapterRows, add_stacked_adapter, remove_stacked_adapter
 from tunesmith.generation.packed_linear import pack, unpack
 from tunesmith.generation.padded_batch import PaddedBatch, new_cache
 from tunesmith.generation.prefix_cache import PrefixCache
 from tunesmith.generation.requests import ChoiceUpdate, Event, Failed, GenerationRequest, SamplingParams, TokenLogprob
+from tunesmith.generation.sibling_lora import group_siblings, ungroup_siblings
 from tunesmith.generation.sampling import choose_tokens, seeded_generator, token_logprobs
 from tunesmith.generation.text_stream import TextStream
 
@@ -59,13 +61,34 @@ class ModelGroup:
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         new_cache(model)  # refuses cache layouts the padded batch cannot handle, at load time
+        if adapter_rows is not None:  # before `pack`: the groups take the adapted layers' base weights
+            group_siblings(model, adapter_rows)
         pack(model)  # until `unpack`: the model decodes faster but cannot train (see packed_linear)
         self.batch = PaddedBatch()
         self.rows: list[_Row] = []
 
     def unpack(self) -> None:
         """Give the model back as it was loaded (dense weights), for a caller that goes on using it."""
+        ungroup_siblings(self.model)
         unpack(self.model)
+
+    def add_adapter(self, name: str, updates: dict) -> None:
+        """Stack one more adapter (its `multi_lora.low_rank_updates`) on this group's model; between steps only."""
+        if self.adapter_rows is None:  # a base served alone so far: its layers become stackable ones as adapters come
+            self.adapter_rows = AdapterRows({})
+        ungroup_siblings(self.model)
+        try:
+            add_stacked_adapter(self.model, self.adapter_rows, name, updates)
+        finally:  # the layers' A and B changed: sibling layers compute their updates together again
+            group_siblings(self.model, self.adapter_rows)
+
+    def remove_adapter(self, name: str) -> None:
+        """Free a stacked adapter's slot; between steps, once no row uses it."""
+        ungroup_siblings(self.model)
+        try:
+            remove_stacked_adapter(self.model, self.adapter_rows, name)
+        finally:
+            group_siblings(self.model, self.adapter_rows)
 
     def forward(self, input_ids, adapters: list[str | None], **kwargs):
         if self.adapter_rows is not None:

@@ -1,13 +1,17 @@
 """Many LoRA adapters on one base model, each row of a batch with its own adapter, as punica/LoRAX do it.
 
 peft loads and checks the adapters; then every adapted linear layer is swapped for a `MultiLoraLinear` that holds
-all adapters' A side by side ([in, slots x rank]) and B stacked ([slots x rank, out]); slot 0 is "no adapter", all
-zeros, and the scale is folded into B. A pass where every row uses one adapter costs two small matmuls per layer.
-A mixed pass multiplies every row by all adapters' A at once (slots x rank columns, a few dozen), zeroes the
-columns of the adapters a row does not use, and multiplies by all B at once: two matmuls, no gathers, so mixing
+all adapters' A side by side ([in, columns]) and B stacked ([columns, out]), the scale folded into B. Its columns
+come in blocks, each owned by one adapter slot. A mixed pass multiplies every row by all the A at once, zeroes the
+columns of the blocks a row does not use, and multiplies by all the B at once: two matmuls, no gathers, so mixing
 adapters costs about what one adapter does (peft's own mixed-batch path loops over the adapters with a gather and a
-scatter each, in every layer). With many adapters of high rank the dense product grows, so rows then gather their
-own A and B for two batched matmuls. Plain torch ops: the same code runs on CUDA.
+scatter each, in every layer). Sibling layers (q/k/v, gate/up) go further and share those two products (see
+`sibling_lora`). With many adapters of high rank the dense product grows, so rows then gather their own A and B for
+two batched matmuls. Plain torch ops: the same code runs on CUDA.
+
+Slot 0 is the base model. The version most traffic goes to can be merged into the base weights (`merge_first`):
+its rows then cost what the base alone does, and one shared "undo" block (its A, minus its B) serves every other
+row, so each adapter's columns are held once, at its own rank.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from tunesmith.errors import TunesmithError
 
 
 DENSE_MIX_COLUMNS = 256
-"""Up to this many columns (slots x rank), a mixed pass multiplies every row by all adapters at once."""
+"""Up to this many columns, a mixed pass multiplies every row by all adapters at once."""
+
+UNDO = -1
+"""Owner of a block used by every row not on the merged version (`AdapterRows.free_slot`): it undoes the merge."""
 
 
 class AdapterRows:
@@ -28,33 +35,45 @@ class AdapterRows:
         self.slot_of = slot_of
         self.free_slot = free_slot
         """The slot whose rows need no low-rank update: 0 (the base), the adapter merged into the base weights, or -1
-        (none: that adapter was removed, its update stays in the base weights and slot 0 still undoes it)."""
+        (none: that adapter was removed, its update stays in the base weights and the undo blocks stay for all)."""
         self.slot_count = len(slot_of) + 1
-        """Slots every MultiLoraLinear of the model holds, slot 0 included."""
+        """Slots in use or reusable, slot 0 included."""
         self.unused: list[int] = []
-        """Slots of removed adapters, zeroed, for the next adapter added."""
+        """Slots of removed adapters, for the next adapter added."""
         self.uniform: int | None = 0
         self.slots = None
+        self.device = None
         self._masks: dict[tuple, object] = {}
 
     def select(self, adapters: list[str | None], device) -> None:
         import torch
 
         slots = [self.slot_of[name] if name else 0 for name in adapters]
-        self._masks = {}
+        self._masks, self.device = {}, device
         if len(set(slots)) == 1:
             self.uniform, self.slots = slots[0], None
         else:
             self.uniform, self.slots = None, torch.tensor(slots, dtype=torch.long, device=device)
 
-    def column_mask(self, slots: int, rank: int, dtype):
-        """[rows, 1, slots x rank]: 1 on the columns of each row's own adapter (made once per pass and shape)."""
+    def row_slots(self):
+        """[rows] slots of the pass ([1] when every row uses one adapter)."""
         import torch
 
-        key = (slots, rank, dtype)
+        return self.slots if self.uniform is None else torch.tensor([self.uniform], device=self.device)
+
+    def columns_mask(self, blocks: tuple[tuple[int, int], ...], dtype):
+        """[rows, 1, columns] (or [1, 1, columns] when every row uses one adapter): 1 on the columns of the blocks
+        (width, owner) each row uses; made once per pass and layout."""
+        import torch
+
+        key = (blocks, dtype)
         if key not in self._masks:
-            slot_of_column = torch.arange(slots, device=self.slots.device).repeat_interleave(rank)
-            self._masks[key] = (slot_of_column[None, :] == self.slots[:, None]).to(dtype)[:, None, :]
+            slots = self.row_slots()
+            owner = torch.tensor([owner for width, owner in blocks for _ in range(width)], dtype=torch.long,
+                                 device=slots.device)
+            own = owner[None, :] == slots[:, None]
+            undo = (owner[None, :] == UNDO) & (slots[:, None] != self.free_slot)
+            self._masks[key] = (own | undo).to(dtype)[:, None, :]
         return self._masks[key]
 
 
@@ -65,56 +84,72 @@ def multi_lora_layer_class():
     class MultiLoraLinear(torch.nn.Module):
         """A base linear layer plus every adapter's low-rank update, chosen per row by `AdapterRows`."""
 
-        def __init__(self, base_layer, rows: AdapterRows, a, b):
-            """`a` [slots, in, rank] and `b` [slots, rank, out] (scale folded in) are kept side by side, once."""
+        def __init__(self, base_layer, rows: AdapterRows, a, b, blocks: tuple[tuple[int, int], ...]):
+            """`a` [in, columns] and `b` [columns, out] (scale folded in), in `blocks` of (width, owner slot)."""
             super().__init__()
             self.base_layer, self.rows = base_layer, rows
-            self.slots, self.rank = a.shape[0], a.shape[-1]
-            self.register_buffer("all_a", a.permute(1, 0, 2).reshape(a.shape[1], self.slots * self.rank).contiguous(),
-                                 persistent=False)  # [in, slots x rank]
-            self.register_buffer("all_b", b.reshape(self.slots * self.rank, b.shape[-1]).contiguous(),
-                                 persistent=False)  # [slots x rank, out]
-            self.dense_mix = self.slots * self.rank <= DENSE_MIX_COLUMNS
+            self.register_buffer("all_a", a.contiguous(), persistent=False)
+            self.register_buffer("all_b", b.contiguous(), persistent=False)
+            self.blocks = blocks
+            self.siblings, self.sibling_index = None, 0
+            """Where the update is computed together with sibling layers' (see `sibling_lora`)."""
+            self._per_slot = None
+
+        @property
+        def dense_mix(self) -> bool:
+            return self.all_a.shape[1] <= DENSE_MIX_COLUMNS
 
         def forward(self, x):
+            if self.siblings is not None:
+                return self.siblings.output(self.sibling_index, x)
             result = self.base_layer(x)
-            if self.rows.uniform == self.rows.free_slot:
+            if self.rows.uniform == self.rows.free_slot or not self.blocks:
                 return result
-            if self.rows.uniform is not None:
-                columns = slice(self.rows.uniform * self.rank, (self.rows.uniform + 1) * self.rank)
-                return result + (x @ self.all_a[:, columns]) @ self.all_b[columns]
             if self.dense_mix:
-                mask = self.rows.column_mask(self.slots, self.rank, x.dtype)
+                mask = self.rows.columns_mask(self.blocks, x.dtype)
                 return result + ((x @ self.all_a) * mask) @ self.all_b
-            slots = self.rows.slots
+            per_slot_a, per_slot_b = self.per_slot()
+            slots = self.rows.row_slots()
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
-            per_slot_a = self.all_a.view(-1, self.slots, self.rank).permute(1, 0, 2)  # [slots, in, rank]
-            per_slot_b = self.all_b.view(self.slots, self.rank, -1)
-            update = torch.bmm(torch.bmm(flat, per_slot_a[slots]), per_slot_b[slots])
+            update = torch.bmm(torch.bmm(flat, per_slot_a[slots].expand(flat.shape[0], -1, -1)),
+                               per_slot_b[slots].expand(flat.shape[0], -1, -1))
             return result + update.reshape(*x.shape[:-1], update.shape[-1])
 
-        def slot_update(self, slot: int):
-            """(A [in, rank], B [rank, out]) held in one slot, zero-padded to the layer's rank."""
-            return (self.all_a.view(-1, self.slots, self.rank)[:, slot],
-                    self.all_b.view(self.slots, self.rank, -1)[slot])
+        def per_slot(self):
+            """([slots, in, r], [slots, r, out]): the columns each slot's rows use, zero-padded to one width r."""
+            if self._per_slot is None:
+                slot_count = self.rows.slot_count
+                masks = [[owner == slot or (owner == UNDO and slot != self.rows.free_slot)
+                          for width, owner in self.blocks for _ in range(width)] for slot in range(slot_count)]
+                width = max(1, max(sum(row) for row in masks))
+                a = self.all_a.new_zeros(slot_count, self.all_a.shape[0], width)
+                b = self.all_b.new_zeros(slot_count, width, self.all_b.shape[1])
+                for slot, row in enumerate(masks):
+                    columns = torch.tensor([c for c, used in enumerate(row) if used], dtype=torch.long,
+                                           device=self.all_a.device)
+                    a[slot, :, :len(columns)] = self.all_a[:, columns]
+                    b[slot, :len(columns)] = self.all_b[columns]
+                self._per_slot = (a, b)
+            return self._per_slot
 
         @torch.no_grad()
-        def set_slot(self, slot: int, a, b, slots: int) -> None:
-            """Hold (a [in, r], b [r, out]) in `slot`, the rest of it zero, growing to `slots` slots and rank r."""
-            slots, rank = max(slots, self.slots), max(self.rank, a.shape[1])
-            in_features, out_features = self.all_a.shape[0], self.all_b.shape[1]
-            stacked_a = self.all_a.new_zeros(in_features, slots, rank)
-            stacked_b = self.all_b.new_zeros(slots, rank, out_features)
-            stacked_a[:, :self.slots, :self.rank] = self.all_a.view(in_features, self.slots, self.rank)
-            stacked_b[:self.slots, :self.rank] = self.all_b.view(self.slots, self.rank, out_features)
-            stacked_a[:, slot] = 0
-            stacked_b[slot] = 0
-            stacked_a[:, slot, :a.shape[1]] = a.to(stacked_a)
-            stacked_b[slot, :b.shape[0]] = b.to(stacked_b)
-            self.all_a = stacked_a.reshape(in_features, slots * rank)
-            self.all_b = stacked_b.reshape(slots * rank, out_features)
-            self.slots, self.rank = slots, rank
-            self.dense_mix = slots * rank <= DENSE_MIX_COLUMNS
+        def add_block(self, a, b, owner: int) -> None:
+            """Hold one more block: a [in, r], b [r, out] used by the rows of slot `owner`."""
+            self.all_a = torch.cat([self.all_a, a.to(self.all_a)], dim=1)
+            self.all_b = torch.cat([self.all_b, b.to(self.all_b)], dim=0)
+            self.blocks = (*self.blocks, (a.shape[1], owner))
+            self._per_slot = None
+
+        @torch.no_grad()
+        def drop_blocks(self, owner: int) -> None:
+            """Forget the blocks of slot `owner`."""
+            owners = [block_owner for width, block_owner in self.blocks for _ in range(width)]
+            keep = [column for column, block_owner in enumerate(owners) if block_owner != owner]
+            columns = torch.tensor(keep, dtype=torch.long, device=self.all_a.device)
+            self.all_a = self.all_a[:, columns].contiguous()
+            self.all_b = self.all_b[columns].contiguous()
+            self.blocks = tuple(block for block in self.blocks if block[1] != owner)
+            self._per_slot = None
 
     return MultiLoraLinear
 
@@ -144,8 +179,7 @@ def stack_adapters(peft_model, adapters: list[str], merge_first: bool = False):
     order); returns (model, AdapterRows). The peft wrapper is gone afterwards.
 
     With `merge_first`, the first adapter (the version most traffic goes to) is merged into the base weights, so its
-    rows cost what the base alone does; the base's rows then subtract that update (slot 0 holds A, -B) and every
-    other adapter's rows apply their own update minus it (rank r + r_first)."""
+    rows cost what the base alone does; every other row applies the shared undo block (its A, minus its B)."""
     import torch
     from peft.tuners.lora import LoraLayer
 
@@ -163,24 +197,17 @@ def stack_adapters(peft_model, adapters: list[str], merge_first: bool = False):
         if not updates:
             setattr(model.get_submodule(parent_name), child, base)
             continue
+        owned = []
         if merge_first and 1 in updates:
             a_first, b_first = updates.pop(1)
             with torch.no_grad():
                 base.weight += (a_first @ b_first).t().to(base.weight.dtype)
-            for slot, (a, b) in list(updates.items()):
-                updates[slot] = (torch.cat([a, a_first], dim=1), torch.cat([b, -b_first], dim=0))
-            for slot in range(2, len(adapters) + 1):  # adapters without an update here still undo the merged one
-                updates.setdefault(slot, (a_first, -b_first))
-            updates[0] = (a_first, -b_first)
-        rank = max(a.shape[1] for a, _ in updates.values())
-        stacked_a = torch.zeros(len(adapters) + 1, base.in_features, rank, dtype=base.weight.dtype,
-                                device=base.weight.device)
-        stacked_b = torch.zeros(len(adapters) + 1, rank, base.out_features, dtype=base.weight.dtype,
-                                device=base.weight.device)
-        for slot, (a, b) in updates.items():
-            stacked_a[slot, :, :a.shape[1]] = a
-            stacked_b[slot, :b.shape[0], :] = b
-        setattr(model.get_submodule(parent_name), child, layer_class(base, rows, stacked_a, stacked_b))
+            owned.append((UNDO, a_first, -b_first))
+        owned += [(slot, a, b) for slot, (a, b) in sorted(updates.items())]
+        a = torch.cat([a for _, a, _ in owned], dim=1).to(base.weight)
+        b = torch.cat([b for _, _, b in owned], dim=0).to(base.weight)
+        blocks = tuple((part.shape[1], owner) for owner, part, _ in owned)
+        setattr(model.get_submodule(parent_name), child, layer_class(base, rows, a, b, blocks))
     leftover = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     if leftover:
         raise TunesmithError(f"could not stack the adapters: {leftover[0]} is still a peft layer")
@@ -198,52 +225,50 @@ def low_rank_updates(peft_model, adapter: str) -> dict[str, tuple]:
 
 def add_stacked_adapter(model, rows: AdapterRows, name: str, updates: dict[str, tuple]) -> None:
     """Give one more adapter (its `low_rank_updates`) a slot of a stacked model: a removed adapter's slot, else a
-    new last one. Call it between forward passes. Its rows also undo a merged version, as `stack_adapters` does."""
+    new last one. Call it between forward passes. Its rows also apply the undo blocks of a merged version."""
     import torch
 
     layer_class = multi_lora_layer_class()
     slot = min(rows.unused) if rows.unused else rows.slot_count
-    slots = max(rows.slot_count, slot + 1)
+    for module in model.modules():
+        if isinstance(module, layer_class) and any(owner == slot for _, owner in module.blocks):
+            module.drop_blocks(slot)  # left by an earlier add that failed
     for module_name, module in list(model.named_modules()):
         update = updates.get(module_name)
-        if isinstance(module, layer_class):
-            module.set_slot(slot, *_joined(update, module.slot_update(0), module), slots)
-        elif update is not None:  # a layer no served adapter adapted yet
+        if update is None:
+            continue
+        if not isinstance(module, layer_class):  # a layer no served adapter adapted yet
             if not isinstance(module, torch.nn.Linear):
                 raise TunesmithError(f"could not stack the adapter: it adapts {module_name}, a "
                                      f"{type(module).__name__} layer")
-            empty = (module.weight.new_zeros(slots, module.in_features, 0),
-                     module.weight.new_zeros(slots, 0, module.out_features))
-            layer = layer_class(module, rows, *empty)
-            layer.set_slot(slot, *update, slots)
+            layer = layer_class(module, rows, module.weight.new_zeros(module.in_features, 0),
+                                module.weight.new_zeros(0, module.out_features), ())
             parent_name, _, child = module_name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, layer)
-    # Registered last: a failure above leaves the slot unused by any row, to be overwritten next time.
-    rows.slot_of[name], rows.slot_count = slot, slots
+            module = layer
+        module.add_block(*update, slot)
+    # Registered last: a failure above leaves blocks no row uses (the slot stays free), dropped when it is reused.
+    rows.slot_of[name], rows.slot_count = slot, max(rows.slot_count, slot + 1)
     if slot in rows.unused:
         rows.unused.remove(slot)
+    for module in model.modules():
+        if isinstance(module, layer_class):
+            module._per_slot = None  # the slot count may have grown
 
 
 def remove_stacked_adapter(model, rows: AdapterRows, name: str) -> None:
-    """Zero an adapter's slot, to be reused by the next adapter added. Call it once no row uses the adapter."""
+    """Drop an adapter's blocks; its slot is reused by the next adapter added. Call it once no row uses the adapter."""
     layer_class = multi_lora_layer_class()
     slot = rows.slot_of.pop(name)
     for module in model.modules():
         if isinstance(module, layer_class):
-            module.set_slot(slot, module.all_a[:, :0], module.all_b[:0], module.slots)
-    if slot == rows.free_slot:  # the merged version: its update stays in the base weights, slot 0 still undoes it
+            module.drop_blocks(slot)
+    if slot == rows.free_slot:  # the merged version: its update stays in the base weights, the undo blocks serve all
         rows.free_slot = -1
+    for module in model.modules():
+        if isinstance(module, layer_class):
+            module._per_slot = None
     rows.unused.append(slot)
-
-
-def _joined(update, base_rows_update, layer):
-    """An adapter's update plus what slot 0 holds (minus the merged version's update, when one is merged)."""
-    import torch
-
-    parts = [part for part in (update, base_rows_update) if part is not None and part[1].any()]
-    if not parts:
-        return layer.all_a[:, :0], layer.all_b[:0]
-    return torch.cat([a.to(layer.all_a) for a, _ in parts], dim=1), torch.cat([b.to(layer.all_b) for _, b in parts])
 
 
 def _low_rank_update(module, adapter: str):

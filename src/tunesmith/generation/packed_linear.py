@@ -9,14 +9,15 @@ reorder is lossless), so a model evaluated mid-pipeline trains on afterwards as 
 Sibling layers that multiply the same input (an attention's query, key and value projections; an MLP's gate and up
 projections) are fused: their weights are packed as one matrix, the first sibling called multiplies once for all and
 the others take their slice of that product. One wide product runs faster than several narrow ones (the 192-column
-key and value products run at half the rate of the 1536-column ones) and pays the call overhead once. Which layers
-share an input is seen, not assumed: one tiny forward pass records what each layer was called with.
+key and value products run at half the rate of the 1536-column ones) and pays the call overhead once (see
+`shared_input`).
 """
 
 from __future__ import annotations
 
 from functools import cache
 
+from tunesmith.generation.shared_input import OncePerInput, layers_sharing_one_input
 from tunesmith.machine import cpu_supports_bf16
 
 MIN_FEATURES = 16
@@ -50,12 +51,8 @@ def fused_member_class():
 
 
 class FusedProduct:
-    """The product of one input with several layers' weights stacked (oneDNN-packed), computed once for them all.
-
-    The first member called with an input multiplies it by every member's weight; each other member called with the
-    very same tensor, unchanged (inference tensors keep no count of changes: there, the very same tensor), takes its
-    slice. Any other call (a different input, a member called twice) multiplies afresh, so every member always
-    returns exactly its own product of what it was given."""
+    """The product of one input with several layers' weights stacked (oneDNN-packed), computed once for them all
+    (see `shared_input.OncePerInput`: a member called with anything else multiplies afresh)."""
 
     def __init__(self, members: list):
         import torch
@@ -66,26 +63,47 @@ class FusedProduct:
         biases = [member.bias for member in members]
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [b.detach() if b is not None else members[0].weight.new_zeros(size) for b, size in zip(biases, self.sizes)])
-        self._input, self._version, self._outputs, self._pending = None, None, (), set()
+        self.once = OncePerInput(self._products, len(members))
 
     def output(self, index: int, x):
+        return self.once.output(index, x)
+
+    def _products(self, x) -> tuple:
         import torch
 
-        if x is self._input and _version(x) == self._version and index in self._pending:
-            self._pending.discard(index)
-            result = self._outputs[index]
-            if not self._pending:
-                self._input, self._outputs = None, ()
-            return result
         product = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight, self.bias, "none", [], "")
-        self._outputs = product.split(self.sizes, dim=-1)
-        self._input, self._version = x, _version(x)
-        self._pending = set(range(len(self.sizes))) - {index}
-        return self._outputs[index]
+        return product.split(self.sizes, dim=-1)
 
     def dense_weight(self, index: int):
         start = sum(self.sizes[:index])
         return self.packed_weight.to_dense()[start:start + self.sizes[index]].clone()
+
+
+class MatrixProduct:
+    """x @ weight.T (+ bias) for a [out, in] weight: through oneDNN's packed layout where `packable` and oneDNN
+    accepts the weight, else a plain product (CUDA, fp16, a build without oneDNN)."""
+
+    def __init__(self, weight, packable: bool, bias=None):
+        import torch
+
+        self.weight, self.bias, self.packed_weight = weight.contiguous(), bias, None
+        if packable:
+            try:
+                self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
+                self.weight = None
+            except RuntimeError:
+                pass
+
+    def __call__(self, x):
+        import torch
+
+        if self.packed_weight is None:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight, self.bias, "none", [], "")
+
+    def dense(self):
+        """The [out, in] weight, bit for bit."""
+        return self.weight if self.packed_weight is None else self.packed_weight.to_dense()
 
 
 def can_pack(model) -> bool:
@@ -105,13 +123,14 @@ def pack(model) -> int:
     if not can_pack(model):
         return 0
     layer_class, member_class = packed_linear_class(), fused_member_class()
-    shared = _shared_parameters(model)
+    shared = shared_parameters(model)
     wrapped = _inside_peft_layers(model)
-    candidates = [module for module in model.modules()
-                  if type(module) is torch.nn.Linear and min(module.in_features, module.out_features) >= MIN_FEATURES]
+    candidates = [module for module in model.modules()  # an empty weight: its layer's product is computed elsewhere
+                  if type(module) is torch.nn.Linear and min(module.in_features, module.out_features) >= MIN_FEATURES
+                  and module.weight.numel()]
     packed = 0
     with torch.no_grad():
-        for members in _sharing_one_input(model, candidates):
+        for members in layers_sharing_one_input(model, candidates, kind=lambda m: (m.in_features, m.weight.dtype)):
             try:
                 fused = FusedProduct(members)
             except RuntimeError:  # oneDNN cannot serve it: the members are packed one by one below
@@ -143,64 +162,31 @@ def _release(module, shared: set[int], wrapped: set[int]) -> None:
 
 def unpack(model) -> None:
     """Undo `pack`: every packed layer is a plain nn.Linear again with its dense weight, bit for bit."""
+    for module in model.modules():
+        unpack_layer(module)
+
+
+def unpack_layer(module) -> None:
+    """Make one layer packed by `pack` a plain nn.Linear again with its dense weight; other modules are left as
+    they are."""
     import torch
 
     layer_class, member_class = packed_linear_class(), fused_member_class()
     with torch.no_grad():
-        for module in model.modules():
-            if type(module) is layer_class:
-                if module.released:
-                    module.weight.data = module.packed_weight.to_dense()
-                del module.packed_weight, module.released
-            elif type(module) is member_class:
-                if module.released:
-                    module.weight.data = module.fused.dense_weight(module.fused_index)
-                del module.fused, module.fused_index, module.released
-            else:
-                continue
-            module.__class__ = torch.nn.Linear
+        if type(module) is layer_class:
+            if module.released:
+                module.weight.data = module.packed_weight.to_dense()
+            del module.packed_weight, module.released
+        elif type(module) is member_class:
+            if module.released:
+                module.weight.data = module.fused.dense_weight(module.fused_index)
+            del module.fused, module.fused_index, module.released
+        else:
+            return
+        module.__class__ = torch.nn.Linear
 
 
-def _version(tensor) -> int | None:
-    """How often `tensor` was changed in place (None for inference tensors, which do not count: changing an input in
-    place between sibling projections is something no model we know does)."""
-    return None if tensor.is_inference() else tensor._version
-
-
-def _sharing_one_input(model, candidates: list) -> list[list]:
-    """Groups of two or more `candidates` that one forward pass of `model` (two tokens) called with the same input
-    tensor, with the same input width and dtype, in the order they were called; none when the pass fails."""
-    import torch
-
-    calls: dict[int, list] = {}
-    inputs = []  # held until the end, so that no id is reused by a later tensor
-
-    def record(module, args):
-        if args and isinstance(args[0], torch.Tensor):
-            inputs.append(args[0])
-            members = calls.setdefault(id(args[0]), [])
-            if module not in members:
-                members.append(module)
-
-    hooks = [module.register_forward_pre_hook(record) for module in candidates]
-    try:
-        ids = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
-        model(input_ids=ids, use_cache=False)
-    except Exception:  # a model this call does not fit (not a causal LM): its layers are packed one by one
-        return []
-    finally:
-        for hook in hooks:
-            hook.remove()
-    groups, taken = [], set()
-    for members in calls.values():
-        if len(members) > 1 and len({(m.in_features, m.weight.dtype) for m in members}) == 1 \
-                and not taken & {id(m) for m in members}:  # a layer called with two shared inputs joins the first
-            groups.append(members)
-            taken |= {id(m) for m in members}
-    return groups
-
-
-def _shared_parameters(model) -> set[int]:
+def shared_parameters(model) -> set[int]:
     """ids of parameters that more than one module holds."""
     seen, shared = set(), set()
     for module in model.modules():

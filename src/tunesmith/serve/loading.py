@@ -12,14 +12,7 @@ from typing import Callable
 from tunesmith.data.template import end_of_turn_token_ids
 from tunesmith.errors import TunesmithError
 from tunesmith.generation.engine import ModelGroup, Route
-from tunesmith.generation.multi_lora import (
-    AdapterRows,
-    add_stacked_adapter,
-    low_rank_updates,
-    remove_stacked_adapter,
-    stack_adapters,
-    unsupported_reason,
-)
+from tunesmith.generation.multi_lora import low_rank_updates, stack_adapters, unsupported_reason
 from tunesmith.models import attach_adapter, load_model, load_tokenizer, refuse_pickled_weights
 from tunesmith.machine import pick_precision
 from tunesmith.serve.targets import ServedTarget
@@ -99,7 +92,7 @@ class ModelLoader:
             if reason:
                 group, adapter, note = self._own_copy(target, reason)
             else:
-                prepare = partial(_add_to_group, group, adapter, updates)
+                prepare = partial(group.add_adapter, adapter, updates)
         return self._served(target, group, adapter, tokenizer, note), prepare
 
     def release(self, route: Route, group_still_served: bool) -> None:
@@ -107,7 +100,7 @@ class ModelLoader:
         on the engine thread, once no row uses the route."""
         group = route.group
         if route.adapter is not None and group.adapter_rows is not None:
-            remove_stacked_adapter(group.model, group.adapter_rows, route.adapter)
+            group.remove_adapter(route.adapter)
         if not group_still_served:
             self.bases = {key: base for key, base in self.bases.items() if base is not group}
 
@@ -218,9 +211,3 @@ def _adapter_updates(base_config, target: ServedTarget) -> tuple[dict | None, st
             module.lora_B["probe"].to_empty(device="cpu")
     set_peft_model_state_dict(peft_model, load_peft_weights(str(adapter_dir), device="cpu"), adapter_name="probe")
     return low_rank_updates(peft_model, "probe"), None
-
-
-def _add_to_group(group: ModelGroup, adapter: str, updates: dict) -> None:
-    if group.adapter_rows is None:  # a base served alone so far: its layers become stackable ones as adapters come
-        group.adapter_rows = AdapterRows({})
-    add_stacked_adapter(group.model, group.adapter_rows, adapter, updates)

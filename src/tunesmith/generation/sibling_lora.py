@@ -1,0 +1,103 @@
+"""Adapted sibling layers (same input: q/k/v, gate/up) computed together, base weights and low-rank updates at once.
+
+Each `MultiLoraLinear` alone costs its base product plus two small products per pass (its A, then its B), and on
+CPU a small product costs far more than its size says (some tens of microseconds per call): with 4 adapters mixed,
+those calls took about as long as the base model's own layers. Siblings therefore share one `SiblingProducts`:
+their base weights and all their A stacked in one product, the per-row mask, their B block-diagonal in one product
+laid out like the base outputs, one addition, and each member takes its slice. A layer without siblings gets the
+same for itself alone. Passes whose rows all use the merged version skip the mask and B.
+
+The group holds the base weights (oneDNN-packed on CPU, stacked elsewhere) instead of the base layers, which give
+their weights back when the group is dissolved (`ungroup_siblings`, before adapters are added or removed).
+"""
+
+from __future__ import annotations
+
+from tunesmith.generation.multi_lora import AdapterRows, multi_lora_layer_class
+from tunesmith.generation.packed_linear import MatrixProduct, can_pack, shared_parameters, unpack_layer
+from tunesmith.generation.shared_input import OncePerInput, layers_sharing_one_input
+
+
+class SiblingProducts:
+    """Outputs of `members` (MultiLoraLinear layers called with one input) for the rows of a pass."""
+
+    def __init__(self, members: list, rows: AdapterRows, packable: bool, shared: set[int]):
+        import torch
+
+        self.rows, self.members = rows, members
+        bases = [member.base_layer for member in members]
+        self.sizes = [base.out_features for base in bases]
+        self.base_width = sum(self.sizes)
+        self.blocks = tuple(block for member in members for block in member.blocks)
+        with torch.no_grad():
+            weight = torch.cat([base.weight for base in bases] + [member.all_a.t() for member in members])
+            bias = None
+            if any(base.bias is not None for base in bases):
+                bias = torch.cat([base.bias if base.bias is not None else base.weight.new_zeros(base.out_features)
+                                  for base in bases] + [weight.new_zeros(weight.shape[0] - self.base_width)])
+            self.product = MatrixProduct(weight, packable, bias)
+            self.up = MatrixProduct(torch.block_diag(*[member.all_b for member in members]).t(), packable)
+            self.released = [id(base.weight) not in shared for base in bases]
+            for base, released in zip(bases, self.released):
+                if released:  # the group holds it now
+                    base.weight.data = base.weight.data.new_empty(0)
+        self.once = OncePerInput(self._outputs, len(members))
+
+    def output(self, index: int, x):
+        return self.once.output(index, x)
+
+    def _outputs(self, x) -> tuple:
+        full = self.product(x)
+        outputs = full[..., :self.base_width]
+        if self.rows.uniform != self.rows.free_slot and self.blocks:
+            mask = self.rows.columns_mask(self.blocks, x.dtype)
+            outputs = outputs + self.up(full[..., self.base_width:] * mask)
+        return outputs.split(self.sizes, dim=-1)
+
+    def dissolve(self) -> None:
+        """Give the base layers their weights back and let every member compute alone again."""
+        import torch
+
+        with torch.no_grad():
+            dense = self.product.dense() if any(self.released) else None
+            start = 0
+            for member, size, released in zip(self.members, self.sizes, self.released):
+                if released:
+                    member.base_layer.weight.data = dense[start:start + size].clone()
+                member.siblings = None
+                start += size
+        self.once.forget()
+
+
+def group_siblings(model, rows: AdapterRows) -> int:
+    """Give every adapted layer of a stacked model whose update is a dense product its `SiblingProducts` (shared with
+    the layers called with the same input); the number of groups. Call it again whenever a layer's A or B changed."""
+    import torch
+
+    layer_class = multi_lora_layer_class()
+    ungroup_siblings(model)
+    dense = [module for module in model.modules() if isinstance(module, layer_class) and module.dense_mix]
+    if not dense:
+        return 0
+    for layer in dense:
+        unpack_layer(layer.base_layer)  # a layer packed on its own before an adapter reached it
+    dense = [layer for layer in dense if type(layer.base_layer) is torch.nn.Linear and layer.base_layer.weight.numel()]
+    rows.select([None], next(model.parameters()).device)  # the calibration pass below must not mix rows
+    groups = layers_sharing_one_input(model, dense, kind=lambda layer: (layer.all_a.shape[0], layer.all_a.dtype))
+    grouped = {id(layer) for members in groups for layer in members}
+    groups += [[layer] for layer in dense if id(layer) not in grouped]
+    packable, shared = can_pack(model), shared_parameters(model)
+    for members in groups:
+        products = SiblingProducts(members, rows, packable, shared)
+        for index, layer in enumerate(members):
+            layer.siblings, layer.sibling_index = products, index
+    return len(groups)
+
+
+def ungroup_siblings(model) -> None:
+    """Every adapted layer computes its own product and update again, on its own base weights."""
+    layer_class = multi_lora_layer_class()
+    groups = {id(module.siblings): module.siblings for module in model.modules()
+              if isinstance(module, layer_class) and module.siblings is not None}
+    for products in groups.values():
+        products.dissolve()

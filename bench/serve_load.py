@@ -6,7 +6,8 @@ Baselines in the same invocation: the old one-at-a-time `tunesmith serve` (a git
 `llama-server` (f16 GGUF, 16 slots, 2 threads) when a binary is found. tunesmith runs at its default precision (auto:
 bf16 on CPUs with bf16 instructions) and, as "tunesmith fp32", at the old server's. Each row prints output tokens/s
 and its ratio to the old server, p50/p99 latency, p50 time to first token and the share of answers identical to the old server's one-at-a-time greedy answers; then
-the 4-adapter throughput as a ratio of the single-adapter one, and the server's RSS with 1 vs 4 adapters.
+the 4-adapter throughput as a ratio of the single-adapter one, and the server's RSS with 1 vs 4 adapters (once loaded,
+and after serving).
 Run (under the shared bench lock), after `tunesmith run examples/quickstart/config.yaml`:
     flock /tmp/tunesmith-bench.lock .venv/bin/python bench/serve_load.py --run runs/quickstart
 """
@@ -236,18 +237,20 @@ def timed_load(engine: str, url: str, names: list[str], clients: int, prompts: l
 
 def measure(engine: str, command: list[str], loads: list[tuple[int, int]], prompts: list[list[dict]], args,
             log_path: Path, models: list[str] | None = None,
-            env: dict | None = None) -> tuple[list[Load], float | None]:
-    """Start the server and run each (clients, requests) load on it in turn; the loads, and its RSS (MiB) after
-    the last one. A server that fails to start or to answer is reported in every row instead of raising."""
+            env: dict | None = None) -> tuple[list[Load], tuple[float, float] | None]:
+    """Start the server and run each (clients, requests) load on it in turn; the loads, and its RSS (MiB) once
+    loaded and after the last load. A server that fails to start or to answer is reported in every row instead of
+    raising."""
     try:
         with running(engine, command, log_path, env) as (url, pid):
             # Without names given, the first one /v1/models lists: tunesmith lists the adapter before the base.
             names = models or [card["id"] for card in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]][:1]
+            loaded = rss_mib(pid)
             warm_up, _ = asyncio.run(drive(url, names, [prompts[0]] * len(names), 1, 4, 600))  # one per name
             if failed := [a for a in warm_up if a.error]:
                 raise ServerFailed(f"warm-up failed: {names[failed[0].index]}: {failed[0].error}")
             results = [timed_load(engine, url, names, clients, prompts[:requests], args) for clients, requests in loads]
-            return results, rss_mib(pid)
+            return results, (loaded, rss_mib(pid))
     except (ServerFailed, httpx.HTTPError, OSError, ValueError, KeyError) as exc:
         print(f"  {engine}: FAILED: {exc}", flush=True)
         return [Load(engine, clients, error=str(exc)) for clients, _ in loads], None
@@ -386,7 +389,7 @@ def print_table(rows: list[dict]) -> None:
               + (f"  FAILED: {row['error']}" if row["error"] else ""))
 
 
-def report(loads: list[Load], rss: dict[int, float | None], args) -> None:
+def report(loads: list[Load], rss: dict[int, tuple[float, float] | None], args) -> None:
     old = next((load for load in loads if load.engine.startswith("old") and load.clients > 1), None)
     reference = {a.index: a.text for a in old.answered} if old else None
     rows = [row_values(load, old.tokens_per_s if old else None, reference) for load in loads]
@@ -400,10 +403,12 @@ def report(loads: list[Load], rss: dict[int, float | None], args) -> None:
         summary["four_adapters_ratio"] = round(mixed["tokens_per_s"] / single["tokens_per_s"], 2)
         print(f"RATIO 4 adapters / 1 adapter throughput = {summary['four_adapters_ratio']:.2f}x")
     for count, mib in rss.items():
-        print(f"RSS tunesmith server, {count} adapter(s): " + (f"{mib:.0f} MiB" if mib else "- (server failed)"))
+        print(f"RSS tunesmith server, {count} adapter(s): " +
+              (f"{mib[0]:.0f} MiB loaded, {mib[1]:.0f} MiB after serving" if mib else "- (server failed)"))
     if rss.get(1) and rss.get(4):
-        summary["rss_mib_per_added_adapter"] = round((rss[4] - rss[1]) / 3, 1)
-        print(f"RSS per added adapter: {summary['rss_mib_per_added_adapter']:+.1f} MiB")
+        summary["rss_mib_per_added_adapter"] = [round((rss[4][i] - rss[1][i]) / 3, 1) for i in (0, 1)]
+        loaded, served = summary["rss_mib_per_added_adapter"]
+        print(f"RSS per added adapter: {loaded:+.1f} MiB loaded, {served:+.1f} MiB after serving")
     if args.json:
         args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, **summary}, indent=2))
         print(f"wrote {args.json}")
@@ -425,7 +430,7 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def bench_tunesmith(args, prompts: list[list[dict]], scratch: Path) -> tuple[list[Load], dict[int, float | None]]:
+def bench_tunesmith(args, prompts: list[list[dict]], scratch: Path) -> tuple[list[Load], dict[int, tuple | None]]:
     """The old server (a worktree of --old-commit), the new one with 1 adapter, then with 4; RSS by adapter count."""
     serve, run_dir = [sys.executable, "-m", "tunesmith", "serve"], args.run.resolve()
     concurrent, single = (args.clients, args.requests), (1, args.single_requests)

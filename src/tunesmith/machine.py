@@ -38,3 +38,18 @@ def set_cpu_threads(requested: int | None) -> int:
 
     torch.set_num_threads(max(1, requested or available_cores()))
     return torch.get_num_threads()
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by loading (fp32 copies converted to bf16, peft wrappers) back to the system, so that a
+    server's resident size says what it holds; glibc keeps it otherwise. A no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass

@@ -59,6 +59,7 @@ def test_an_adapter_added_and_removed_regroups_the_layers(group):
         before = _logits(group, [beta], ids)
         layers = [module for module in group.model.modules() if isinstance(module, multi_lora_layer_class())]
         updates = {}
+        ungroup_siblings(group.model)  # the groups hold the layers' A and B
         for name, module in group.model.named_modules():
             if isinstance(module, multi_lora_layer_class()):
                 columns = [c for c, owner in enumerate(o for w, o in module.blocks for _ in range(w))

@@ -7,8 +7,8 @@ their base weights and all their A stacked in one product, the per-row mask, the
 laid out like the base outputs, one addition, and each member takes its slice. A layer without siblings gets the
 same for itself alone. Passes whose rows all use the merged version skip the mask and B.
 
-The group holds the base weights (oneDNN-packed on CPU, stacked elsewhere) instead of the base layers, which give
-their weights back when the group is dissolved (`ungroup_siblings`, before adapters are added or removed).
+The group holds the base weights and the adapters' A and B (oneDNN-packed on CPU, stacked elsewhere) instead of the
+layers, which get them back when the group is dissolved (`ungroup_siblings`, before adapters are added or removed).
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ class SiblingProducts:
             for base, released in zip(bases, self.released):
                 if released:  # the group holds it now
                     base.weight.data = base.weight.data.new_empty(0)
+            self.low_rank_shapes = [(member.all_a.shape, member.all_b.shape) for member in members]
+            for member in members:  # and their A and B
+                member.all_a, member.all_b = member.all_a.new_empty(0), member.all_b.new_empty(0)
         self.once = OncePerInput(self._outputs, len(members))
 
     def output(self, index: int, x):
@@ -59,13 +62,18 @@ class SiblingProducts:
         import torch
 
         with torch.no_grad():
-            dense = self.product.dense() if any(self.released) else None
-            start = 0
-            for member, size, released in zip(self.members, self.sizes, self.released):
+            dense, up = self.product.dense(), self.up.dense().t()
+            base_start, column, out_start = 0, self.base_width, 0
+            for member, size, released, (a_shape, b_shape) in zip(self.members, self.sizes, self.released,
+                                                                   self.low_rank_shapes):
                 if released:
-                    member.base_layer.weight.data = dense[start:start + size].clone()
+                    member.base_layer.weight.data = dense[base_start:base_start + size].clone()
+                columns = a_shape[1]
+                member.all_a = dense[column:column + columns].t().contiguous()
+                member.all_b = up[column - self.base_width:column - self.base_width + columns,
+                                  out_start:out_start + b_shape[1]].contiguous()
                 member.siblings = None
-                start += size
+                base_start, column, out_start = base_start + size, column + columns, out_start + b_shape[1]
         self.once.forget()
 
 

@@ -24,6 +24,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.generation.constraints import GrammarCompiler
 from tunesmith.generation.engine import BatchingEngine, RequestHandle
 from tunesmith.generation.passing_thread import in_passing_thread
+from tunesmith.machine import return_freed_memory
 from tunesmith.generation.requests import ChoiceUpdate, Event, Failed, GenerationRequest, SamplingParams
 from tunesmith.serve.loading import ModelLoader, ServedModel
 from tunesmith.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ResponseFormat
@@ -92,6 +93,7 @@ class ServingEngine:
         """`precision`: fp32, bf16, or auto (bf16 where the CPU or GPU computes it natively)."""
         loader = ModelLoader(device, precision)
         loaded = in_passing_thread(lambda: loader.load_targets(targets, serve_base))  # see passing_thread
+        return_freed_memory()
         return cls(loaded, loader=loader,
                    aliases=[target.name for target in targets if target.follows_alias], **settings)
 
@@ -284,6 +286,7 @@ class ServingEngine:
             return engine_name
         version, prepare = in_passing_thread(lambda: self.loader.load_version(target))
         self.batching.add_route(engine_name, version.route, prepare).result()
+        return_freed_memory()
         self.versions[engine_name] = version
         return engine_name
 

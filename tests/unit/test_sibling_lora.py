@@ -74,3 +74,18 @@ def test_an_adapter_added_and_removed_regroups_the_layers(group):
     torch.testing.assert_close(copied, before, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mixed, torch.cat([before, before]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_one_version_on_a_base_stays_ungrouped_until_a_second_one_comes(two_versions):
+    """Its rows (merged) are nearly all the traffic: a product widened by the low-rank columns would slow them."""
+    import torch
+
+    engine = ServingEngine.from_references([str(two_versions[0])], default_max_tokens=8)
+    group = engine.models["alpha"].route.group
+    layers = [module for module in group.model.modules() if isinstance(module, multi_lora_layer_class())]
+    assert layers and all(layer.siblings is None for layer in layers)
+    with torch.inference_mode():
+        zero_rank_two = {name: (torch.zeros(layer.all_a.shape[0], 2), torch.zeros(2, layer.all_b.shape[1]))
+                         for name, layer in group.model.named_modules() if isinstance(layer, multi_lora_layer_class())}
+        group.add_adapter("alpha-copy", zero_rank_two)
+    assert all(layer.siblings is not None for layer in layers)

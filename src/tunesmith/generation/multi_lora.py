@@ -64,17 +64,18 @@ class AdapterRows:
     def columns_mask(self, blocks: tuple[tuple[int, int], ...], dtype):
         """[rows, 1, columns] (or [1, 1, columns] when every row uses one adapter): 1 on the columns of the blocks
         (width, owner) each row uses; made once per pass and layout."""
-        import torch
-
         key = (blocks, dtype)
         if key not in self._masks:
-            slots = self.row_slots()
-            owner = torch.tensor([owner for width, owner in blocks for _ in range(width)], dtype=torch.long,
-                                 device=slots.device)
-            own = owner[None, :] == slots[:, None]
-            undo = (owner[None, :] == UNDO) & (slots[:, None] != self.free_slot)
-            self._masks[key] = (own | undo).to(dtype)[:, None, :]
+            self._masks[key] = self.used_columns(blocks, self.row_slots()).to(dtype)[:, None, :]
         return self._masks[key]
+
+    def used_columns(self, blocks: tuple[tuple[int, int], ...], slots):
+        """[len(slots), columns] booleans: the columns of the blocks (width, owner) that rows of each slot use."""
+        import torch
+
+        owner = torch.tensor([owner for width, owner in blocks for _ in range(width)], dtype=torch.long,
+                             device=slots.device)
+        return (owner[None, :] == slots[:, None]) | ((owner[None, :] == UNDO) & (slots[:, None] != self.free_slot))
 
 
 @cache  # one class, so that isinstance finds the layers of every stacked model
@@ -119,14 +120,12 @@ def multi_lora_layer_class():
             """([slots, in, r], [slots, r, out]): the columns each slot's rows use, zero-padded to one width r."""
             if self._per_slot is None:
                 slot_count = self.rows.slot_count
-                masks = [[owner == slot or (owner == UNDO and slot != self.rows.free_slot)
-                          for width, owner in self.blocks for _ in range(width)] for slot in range(slot_count)]
-                width = max(1, max(sum(row) for row in masks))
+                used = self.rows.used_columns(self.blocks, torch.arange(slot_count, device=self.all_a.device))
+                width = max(1, int(used.sum(dim=1).max()))
                 a = self.all_a.new_zeros(slot_count, self.all_a.shape[0], width)
                 b = self.all_b.new_zeros(slot_count, width, self.all_b.shape[1])
-                for slot, row in enumerate(masks):
-                    columns = torch.tensor([c for c, used in enumerate(row) if used], dtype=torch.long,
-                                           device=self.all_a.device)
+                for slot in range(slot_count):
+                    columns = used[slot].nonzero().flatten()
                     a[slot, :, :len(columns)] = self.all_a[:, columns]
                     b[slot, :len(columns)] = self.all_b[columns]
                 self._per_slot = (a, b)
@@ -265,9 +264,6 @@ def remove_stacked_adapter(model, rows: AdapterRows, name: str) -> None:
             module.drop_blocks(slot)
     if slot == rows.free_slot:  # the merged version: its update stays in the base weights, the undo blocks serve all
         rows.free_slot = -1
-    for module in model.modules():
-        if isinstance(module, layer_class):
-            module._per_slot = None
     rows.unused.append(slot)
 
 

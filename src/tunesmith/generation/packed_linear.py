@@ -55,35 +55,42 @@ class FusedProduct:
     (see `shared_input.OncePerInput`: a member called with anything else multiplies afresh)."""
 
     def __init__(self, members: list):
-        import torch
-
         self.sizes = [member.out_features for member in members]
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(
-            torch.cat([member.weight.detach() for member in members]), None)
-        biases = [member.bias for member in members]
-        self.bias = None if all(b is None for b in biases) else torch.cat(
-            [b.detach() if b is not None else members[0].weight.new_zeros(size) for b, size in zip(biases, self.sizes)])
+        self.product = MatrixProduct(*stacked_weight_and_bias(members), packable=True)
+        if self.product.packed_weight is None:
+            raise RuntimeError("oneDNN cannot pack these weights")
         self.once = OncePerInput(self._products, len(members))
 
     def output(self, index: int, x):
         return self.once.output(index, x)
 
     def _products(self, x) -> tuple:
-        import torch
-
-        product = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight, self.bias, "none", [], "")
-        return product.split(self.sizes, dim=-1)
+        return self.product(x).split(self.sizes, dim=-1)
 
     def dense_weight(self, index: int):
         start = sum(self.sizes[:index])
-        return self.packed_weight.to_dense()[start:start + self.sizes[index]].clone()
+        return self.product.dense()[start:start + self.sizes[index]].clone()
+
+
+def stacked_weight_and_bias(layers: list, extra_rows=None):
+    """The layers' weights stacked ([sum of out, in]), then `extra_rows` if given; their biases stacked the same way
+    (zeros for layers without one and for the extra rows), or None when no layer has a bias."""
+    import torch
+
+    weights = [layer.weight.detach() for layer in layers] + ([extra_rows] if extra_rows is not None else [])
+    weight = torch.cat(weights)
+    if all(layer.bias is None for layer in layers):
+        return weight, None
+    biases = [layer.bias.detach() if layer.bias is not None else weight.new_zeros(layer.out_features)
+              for layer in layers]
+    return weight, torch.cat(biases + [weight.new_zeros(weight.shape[0] - sum(b.shape[0] for b in biases))])
 
 
 class MatrixProduct:
     """x @ weight.T (+ bias) for a [out, in] weight: through oneDNN's packed layout where `packable` and oneDNN
     accepts the weight, else a plain product (CUDA, fp16, a build without oneDNN)."""
 
-    def __init__(self, weight, packable: bool, bias=None):
+    def __init__(self, weight, bias=None, packable: bool = True):
         import torch
 
         self.weight, self.bias, self.packed_weight = weight.contiguous(), bias, None

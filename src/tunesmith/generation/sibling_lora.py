@@ -16,7 +16,13 @@ layers, which get them back when the group is dissolved (`ungroup_siblings`, bef
 from __future__ import annotations
 
 from tunesmith.generation.multi_lora import AdapterRows, multi_lora_layer_class
-from tunesmith.generation.packed_linear import MatrixProduct, can_pack, shared_parameters, unpack_layer
+from tunesmith.generation.packed_linear import (
+    MatrixProduct,
+    can_pack,
+    shared_parameters,
+    stacked_weight_and_bias,
+    unpack_layer,
+)
 from tunesmith.generation.shared_input import OncePerInput, layers_sharing_one_input
 
 
@@ -32,13 +38,9 @@ class SiblingProducts:
         self.base_width = sum(self.sizes)
         self.blocks = tuple(block for member in members for block in member.blocks)
         with torch.no_grad():
-            weight = torch.cat([base.weight for base in bases] + [member.all_a.t() for member in members])
-            bias = None
-            if any(base.bias is not None for base in bases):
-                bias = torch.cat([base.bias if base.bias is not None else base.weight.new_zeros(base.out_features)
-                                  for base in bases] + [weight.new_zeros(weight.shape[0] - self.base_width)])
-            self.product = MatrixProduct(weight, packable, bias)
-            self.up = MatrixProduct(torch.block_diag(*[member.all_b for member in members]).t(), packable)
+            low_rank_down = torch.cat([member.all_a.t() for member in members])
+            self.product = MatrixProduct(*stacked_weight_and_bias(bases, low_rank_down), packable=packable)
+            self.up = MatrixProduct(torch.block_diag(*[member.all_b for member in members]).t(), packable=packable)
             self.released = [id(base.weight) not in shared for base in bases]
             for base, released in zip(bases, self.released):
                 if released:  # the group holds it now

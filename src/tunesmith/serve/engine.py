@@ -24,8 +24,8 @@ from tunesmith.errors import TunesmithError
 from tunesmith.generation.constraints import GrammarCompiler
 from tunesmith.generation.engine import BatchingEngine, RequestHandle
 from tunesmith.generation.passing_thread import in_passing_thread
-from tunesmith.machine import return_freed_memory
 from tunesmith.generation.requests import ChoiceUpdate, Event, Failed, GenerationRequest, SamplingParams
+from tunesmith.machine import return_freed_memory
 from tunesmith.serve.loading import ModelLoader, ServedModel
 from tunesmith.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ResponseFormat
 from tunesmith.serve.targets import ServedTarget, resolve_target, resolve_targets

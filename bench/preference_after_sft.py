@@ -79,7 +79,35 @@ def child_run(seed: int, parent: Path, output_dir: Path, args) -> dict:
                           "sampled_exact_match": sampled["results"].get(label, {}).get("exact_match"),
                           "sampled_json_valid": sampled["results"].get(label, {}).get("json_valid")}
     row["against_parent"] = {"greedy": greedy.get("against_parent"), "sampled": sampled.get("against_parent")}
+    row["sampled_per_example"] = sampled_per_example(run_dir)
     return row
+
+
+def sampled_per_example(run_dir: Path) -> dict[str, list[float]]:
+    """Parent's and child's sampled exact match on each held-out example (the share of its samples that was right),
+    from the evaluation's predictions (the sampled evaluation is the last one written)."""
+    from tunesmith.evaluate.run import EVAL_DIR
+
+    rows = [json.loads(line) for line in (run_dir / EVAL_DIR / "predictions.jsonl").read_text().splitlines()]
+    return {label: [float(row[label]["exact_match"]) for row in rows] for label in ("parent", "fine-tuned")}
+
+
+def pooled_against_parent(rows: list[dict]) -> str:
+    """Child minus parent on sampled exact match over every seed's held-out examples together: each (seed, example)
+    is one pair, so the seeds' small gains are tested as one effect (paired bootstrap interval, sign-flip test)."""
+    from tunesmith.evaluate.compare import paired_comparison
+
+    seeded = [r["sampled_per_example"] for r in rows if "sampled_per_example" in r]
+    if len(seeded) < 2:
+        return ""
+    parent = [score for scores in seeded for score in scores["parent"]]
+    child = [score for scores in seeded for score in scores["fine-tuned"]]
+    result = paired_comparison(parent, child, confidence=0.95, resamples=10_000)
+    return (f"\npooled over {len(seeded)} seeds ({len(parent)} seed-example pairs), sampled exact match: parent "
+            f"{result['base']:.1%} -> child {result['candidate']:.1%}, {result['delta']:+.1%} "
+            f"[{result['delta_low']:+.1%}, {result['delta_high']:+.1%}], p = {result['p_value']:.4f}"
+            f"{' (significant)' if result['significant'] else ' (not significant)'}; "
+            f"examples better {result['wins']}, worse {result['losses']}, same {result['ties']}")
 
 
 def table(rows: list[dict]) -> str:
@@ -99,7 +127,8 @@ def table(rows: list[dict]) -> str:
     lines.append(f"\nmined pairs per seed: {', '.join(str(r['pairs']) for r in rows)}"
                  + (f" (parents wrong on {statistics.mean(rates):.1%} of sampled answers to their training prompts)"
                     if rates else ""))
-    return "\n".join(lines)
+    lines.append(pooled_against_parent(rows))
+    return "\n".join(line for line in lines if line)
 
 
 def main() -> None:
@@ -108,7 +137,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=90, help="held-out examples evaluated")
     parser.add_argument("--mine-prompts", type=int, default=None, help="training prompts asked when mining (all)")
     parser.add_argument("--mine-samples", type=int, default=4)
-    parser.add_argument("--eval-samples", type=int, default=2, help="sampled answers per held-out example")
+    parser.add_argument("--eval-samples", type=int, default=4, help="sampled answers per held-out example")
     parser.add_argument("--parents", type=Path, nargs="*", default=[],
                         help="trained quickstart runs to reuse as parents, one per seed in order")
     parser.add_argument("--override", nargs="*", default=[], help="extra overrides of the DPO config")

@@ -26,7 +26,7 @@ DataFormat = Literal["auto", "chat", "prompt_completion", "alpaca", "sharegpt", 
 class DataSourceConfig(_Section):
     path: Path
     """Data file (.jsonl, .json, .csv, .parquet) or saved Hugging Face dataset folder mixed into the pool."""
-    weight: float = 1.0
+    weight: float = Field(1.0, gt=0)
     """Share of this source's rows in the training split: 2 repeats each row, 0.5 keeps half (chosen by content hash)."""
 
 
@@ -35,7 +35,7 @@ class ReplayConfig(_Section):
     """Replay rows added to SFT training, as a share of the training split's rows (0.25: one per four task rows; answers cut by `max_new_tokens` are left out, so fewer may remain); 0: off. On the quickstart, 0.25 kept general questions within 0.3 points of the base where plain LoRA lost 7.5 (bench/forgetting_ablation.py)."""
     source: Literal["self_distill"] | Path = "self_distill"
     """`self_distill`: the base model's own answers to tunesmith's shipped general prompts (generated once, cached per base model); or a chat data file of your own general examples."""
-    max_new_tokens: int = 128
+    max_new_tokens: int = Field(128, ge=1)
     """Longest self-distilled answer; longer ones are cut and dropped."""
 
 
@@ -54,9 +54,9 @@ class DataConfig(_Section):
     """Normalize Unicode (NFC), line endings, control characters and surrounding whitespace in every text field."""
     dedup: Literal["near", "exact", "off"] = "near"
     """Drop duplicates, keeping one per cluster: `exact` (same normalized text), `near` (MinHash LSH, plus exact), `off`."""
-    near_duplicate_threshold: float = 0.8
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1)
     """Estimated Jaccard similarity of word 3-grams at which two rows count as near duplicates."""
-    minhash_permutations: int = 128
+    minhash_permutations: int = Field(128, ge=1)
     """MinHash signature length: more estimates similarity more precisely and costs memory (4 bytes each per row). At a million ~200-token rows, 128 found 95.5% of duplicates that differ in 2 of 70 words (64: 91.1%) in the same time, 1.85 GiB peak."""
     leakage: Literal["remove", "flag"] = "remove"
     """Held-out rows that (nearly) duplicate a training row: `remove` them, or only `flag` them in the report."""
@@ -66,15 +66,15 @@ class DataConfig(_Section):
     """Replace emails, phone numbers, card numbers (Luhn-checked), IP addresses and API keys/secrets with [KIND]."""
     benchmark_files: list[Path] = []
     """Benchmark files that must not overlap the training data; the pre-flight check fails if they do."""
-    num_proc: int | None = None
+    num_proc: int | None = Field(None, ge=1)
     """Worker processes for parsing, cleaning and hashing; default: all cores for inputs over 20 MB, else one."""
-    token_stats_rows: int = 5000
+    token_stats_rows: int = Field(5000, ge=1)
     """Token statistics are exact up to this many rows per split, estimated from a content-hash sample above it."""
-    preflight_examples: int = 3
+    preflight_examples: int = Field(3, ge=0)
     """Training examples rendered and mask-checked by the pre-flight check."""
     validation_fraction: float = 0.15
     """Share of examples held out for validation when no `validation` file is given (0 < x < 1)."""
-    max_length: int = 1024
+    max_length: int = Field(1024, ge=1)
     """Longest tokenized example (prompt + answer) kept for training; longer ones are truncated from the end."""
     system_prompt: str | None = None
     """System message prepended to examples that have none (prompt/completion and alpaca rows included)."""
@@ -83,11 +83,11 @@ class DataConfig(_Section):
 
 
 class LoraConfig(_Section):
-    r: int = 16
+    r: int = Field(16, ge=1)
     """LoRA rank."""
-    alpha: int = 32
+    alpha: int = Field(32, ge=1)
     """LoRA scaling numerator (effective scale is alpha / r)."""
-    dropout: float = 0.0
+    dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the LoRA input; 0 is fastest and fine for small datasets."""
     target_modules: str | list[str] = "all-linear"
     """Modules that get adapters: `all-linear` or a list of module names such as [q_proj, v_proj]."""
@@ -96,7 +96,7 @@ class LoraConfig(_Section):
 
 
 class PreferenceConfig(_Section):
-    beta: float = 0.1
+    beta: float = Field(0.1, gt=0)
     """DPO/KTO beta: how far the policy may move from the reference (higher stays closer); the reference is the base model, or the `train.init_from` run's model."""
     sft_weight: float = Field(0.0, ge=0)
     """DPO only: weight of a negative log-likelihood (SFT) loss on the chosen answers added to DPO's (RPO); 1.0 keeps the chosen answers likely where pairs differ in a few tokens and plain DPO lowers both (0: plain DPO)."""
@@ -119,30 +119,30 @@ class GrpoConfig(_Section):
     """JSON schema file for the `json_schema` reward."""
     regex: str | None = None
     """Regular expression the whole answer must match, for the `regex` reward."""
-    target_length: int | None = None
+    target_length: int | None = Field(None, ge=1)
     """Answer length in characters the `length` reward prefers (1 at it, falling linearly to 0 at twice it); unset: the reference's length."""
 
 
 class TrainConfig(_Section):
     method: Literal["sft", "dpo", "kto", "grpo"] = "sft"
     """`sft` on chat examples; preference tuning on chosen/rejected pairs: `dpo`, or `kto` (also takes unpaired labels); or `grpo` on chat examples, rewarding sampled answers with `train.grpo.rewards` (the dataset's answers serve as references)."""
-    epochs: float = 2.0
+    epochs: float = Field(2.0, gt=0)
     """Passes over the training split."""
     adapter: Literal["lora", "dora", "qlora", "full"] = "lora"
     """What SFT trains: a LoRA adapter, DoRA (weight-decomposed LoRA), QLoRA (LoRA on a 4-bit NF4 base; CUDA + bitsandbytes only), or every weight (`full`)."""
-    learning_rate: float | None = None
+    learning_rate: float | None = Field(None, gt=0)
     """Peak learning rate (AdamW), reached after warmup, then decayed by `lr_scheduler`. Unset: chosen from the model's width (SFT: 5e-5 x 10 for adapters x (2000 / hidden_size) ** 0.781, 1.3e-3 for the default model's LoRA; preference tuning: 2e-4 adapters, 2e-5 full) and recorded in the manifest."""
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     """Learning-rate decay after warmup: to zero linearly, along a cosine, or not at all."""
-    batch_size: int = 8
+    batch_size: int = Field(8, ge=1)
     """Examples per optimizer step across all processes, per micro-batch (the global batch is batch_size x grad_accum)."""
-    grad_accum: int = 1
+    grad_accum: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step."""
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
     """Share of steps spent warming the learning rate up from zero."""
-    weight_decay: float = 0.0
+    weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the gradient norm to this value before each optimizer step; unset: no clipping."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """`auto` uses bf16 autocast where the CPU/GPU supports it, else fp32; `fp16` (CUDA only) adds loss scaling."""
@@ -156,21 +156,21 @@ class TrainConfig(_Section):
     """Recompute activations during the backward pass: less memory, about a third slower."""
     compile: bool = False
     """Compile the model with `torch.compile` (minutes of warm-up; pays off only on long runs)."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps (overrides `epochs`); handy for smoke tests."""
-    logging_steps: int = 5
+    max_steps: int | None = Field(None, ge=0)
+    """Stop after this many optimizer steps (overrides `epochs`; 0 or unset: `epochs` decides); handy for smoke tests."""
+    logging_steps: int = Field(5, ge=1)
     """Record the training loss every N optimizer steps."""
-    eval_steps: int | None = None
+    eval_steps: int | None = Field(None, ge=1)
     """Validation loss every N optimizer steps (recorded as the validation curve); default: four times per run."""
-    early_stopping_patience: int | None = None
+    early_stopping_patience: int | None = Field(None, ge=1)
     """Stop when validation loss has not improved for this many evaluations in a row; unset: never stop early."""
-    checkpoint_steps: int = 50
+    checkpoint_steps: int = Field(50, ge=0)
     """Write a resumable checkpoint every N optimizer steps (0: only when stopped by SIGTERM)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = Field(2, ge=1)
     """Complete checkpoints kept; older ones are deleted."""
     init_from: Path | None = None
     """Earlier run directory whose trained adapter (or fully tuned model) this run continues from; recorded as its parent."""
-    threads: int | None = None
+    threads: int | None = Field(None, ge=1)
     """CPU threads for PyTorch; default: every core this process may use."""
     distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     """How several processes (`tunesmith train --nproc N`) share the work: data parallel, FSDP full sharding, or DeepSpeed ZeRO (GPU clusters)."""
@@ -197,9 +197,9 @@ class JudgeConfig(_Section):
     """Environment variable holding the judge's API key (a placeholder is sent when it is unset)."""
     rubric: str = DEFAULT_JUDGE_RUBRIC
     """What the judge is told to prefer; it answers A, B or TIE for each pair, asked twice with the answers swapped."""
-    max_examples: int = 50
+    max_examples: int = Field(50, ge=1)
     """Judge at most this many examples per candidate (two requests each)."""
-    timeout_s: float = 60.0
+    timeout_s: float = Field(60.0, gt=0)
     """Seconds to wait for one judge reply."""
 
 
@@ -208,18 +208,18 @@ class HarnessConfig(_Section):
     """lm-evaluation-harness task names to run on every model (needs the `harness` extra); empty: none."""
     include_path: Path | None = None
     """Folder of lm-evaluation-harness task YAML files whose data are local files (no hub is reached)."""
-    limit: int | None = None
+    limit: int | None = Field(None, ge=1)
     """Run at most this many documents per task."""
-    num_fewshot: int | None = None
+    num_fewshot: int | None = Field(None, ge=0)
     """Few-shot examples per prompt (the task's default when unset)."""
 
 
 class EvaluateConfig(_Section):
-    max_examples: int | None = None
+    max_examples: int | None = Field(None, ge=1)
     """Evaluate on at most this many held-out examples (all when unset)."""
-    max_new_tokens: int = 128
+    max_new_tokens: int = Field(128, ge=1)
     """Generation budget per answer; answers that hit it count as 'did not stop'."""
-    batch_size: int = 32
+    batch_size: int = Field(32, ge=1)
     """Prompts decoded together by the continuous-batching engine (rows join and leave at every step). More rows per step use a CPU's cores better (500 quickstart prompts at 32: 8.5x one-at-a-time `generate`, `bench/eval_generation.py`); each row holds its own KV cache (45 KiB per token on the default model)."""
     test_file: str | None = None
     """Held-out chat file to evaluate on instead of the run's own validation split, or `parent`: the validation split of the run this one continued from (`train.init_from`), e.g. for DPO on pairs mined from the parent's training prompts."""
@@ -239,11 +239,11 @@ class EvaluateConfig(_Section):
     """Your metric functions, `path/to/file.py:name` or `module:name`, each called as name(prediction, reference) -> number."""
     compare_base: bool = True
     """Also evaluate the base model on the same examples, side by side."""
-    confidence: float = 0.95
+    confidence: float = Field(0.95, gt=0, lt=1)
     """Confidence level of the paired-bootstrap intervals."""
-    bootstrap_samples: int = 2000
+    bootstrap_samples: int = Field(2000, ge=1)
     """Resamples for the paired bootstrap and the paired permutation test."""
-    show_differences: int = 5
+    show_differences: int = Field(5, ge=0)
     """Examples shown per comparison where the two models differ most."""
     general_check: bool = True
     """Forgetting check: perplexity on shipped general text and accuracy on shipped general questions, for every model."""
@@ -257,7 +257,7 @@ class EvaluateConfig(_Section):
     """How the prompt baseline picks its examples for each request: the most similar training prompts, or a fixed random set."""
     prompt_token_price: float = Field(0.15, ge=0)
     """Price of 1M prompt tokens (your currency) used to cost the prompt baseline's extra tokens per 1M requests."""
-    overfit_tolerance: float = 0.10
+    overfit_tolerance: float = Field(0.10, ge=0)
     """Flag overfitting when validation loss ends this fraction above its best while training loss kept falling."""
     gates: list[str] = []
     """Pass/fail rules such as `exact_match >= base + 0.20` or `general_ppl <= base * 1.05` (added to --gate)."""
@@ -325,9 +325,9 @@ class JobsConfig(_Section):
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
     """Address the OpenAI-compatible server listens on."""
-    port: int = 8000
+    port: int = Field(8000, ge=0, le=65535)
     """Port the OpenAI-compatible server listens on."""
-    max_new_tokens: int = 256
+    max_new_tokens: int = Field(256, ge=1)
     """Default `max_tokens` when a request does not set one."""
     models: list[str] = []
     """What `serve --config FILE` serves when the command names nothing: run dirs, NAME@VERSION, NAME@ALIAS."""
@@ -406,8 +406,12 @@ class RunConfig(_Section):
 def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML config, apply `a.b=c` overrides, validate; relative data paths resolve against the YAML's folder."""
     path = Path(path)
+    if path.is_dir():
+        raise TunesmithError(f"{path} is a directory; pass a config YAML file such as examples/quickstart/config.yaml "
+                             "or configs/lora-sft.yaml")
     if not path.is_file():
-        raise TunesmithError(f"config file not found: {path} (pass the path to a YAML file such as configs/quickstart.yaml)")
+        raise TunesmithError(f"config file not found: {path} (pass the path to a YAML file such as "
+                             "examples/quickstart/config.yaml or configs/lora-sft.yaml)")
     raw = _read_yaml(path)
     for item in overrides:
         apply_override(raw, item)

@@ -131,6 +131,37 @@ def test_missing_config_file_names_the_path(tmp_path):
     assert "config file not found" in message and str(path) in message
 
 
+def test_a_directory_instead_of_a_config_file_says_so(tmp_path):
+    message = load_error(tmp_path)
+    assert "is a directory" in message and "config YAML file" in message and "not found" not in message
+
+
+def test_the_missing_config_hint_names_files_that_exist():
+    message = load_error(ROOT / "nope.yaml")
+    named = [word.strip("(),") for word in message.split() if word.strip("(),").endswith((".yaml", ".yml"))]
+    assert named[1:] and all((ROOT / name).is_file() for name in named[1:]), message
+
+
+@pytest.mark.parametrize("override", [
+    "train.epochs=-1", "train.epochs=0", "train.batch_size=0", "train.grad_accum=0", "train.learning_rate=-0.001",
+    "train.lora.r=0", "train.lora.alpha=-8", "train.lora.dropout=1", "train.warmup_ratio=1.5", "train.max_steps=-1",
+    "train.logging_steps=0", "train.keep_checkpoints=0", "train.preference.beta=0", "data.max_length=0",
+    "data.near_duplicate_threshold=1.5", "data.replay.max_new_tokens=0", "evaluate.max_new_tokens=0",
+    "evaluate.batch_size=0", "evaluate.confidence=1.5", "evaluate.bootstrap_samples=0", "serve.port=70000",
+    "serve.max_new_tokens=0",
+])
+def test_numbers_outside_their_range_are_rejected_with_the_dotted_key(config_path, override):
+    key = override.partition("=")[0]
+    message = load_error(config_path, [override])
+    assert f"{key}:" in message and ("greater than" in message or "less than" in message), message
+
+
+@pytest.mark.parametrize("override", ["train.max_steps=0", "train.checkpoint_steps=0", "train.warmup_ratio=0",
+                                      "train.lora.dropout=0", "evaluate.show_differences=0", "data.preflight_examples=0"])
+def test_zero_stays_valid_where_it_means_off(config_path, override):
+    load_config(config_path, [override])
+
+
 def test_invalid_yaml_names_the_path_and_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: ok\ntrain: 1\n  bad: indent\n", encoding="utf-8")

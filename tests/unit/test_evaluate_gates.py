@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
+from tunesmith.config import EvaluateConfig
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate.gates import check_gates, describe_outcome, parse_gate
+from tunesmith.evaluate.gates import (
+    check_gate_metrics,
+    check_gates,
+    describe_outcome,
+    parse_gate,
+    reported_metrics,
+)
+from tunesmith.evaluate.generate import Generation
+from tunesmith.evaluate.metrics import corpus_scores, example_scores
 from tunesmith.evaluate.general import general_questions, general_texts, mentions_answer
 from tunesmith.evaluate.judge import combine, parse_verdict, summarize
 from tunesmith.registry.overfitting import overfitting_check
@@ -40,6 +50,68 @@ def test_malformed_gates_are_one_clear_error(text):
 def test_gate_on_an_unknown_metric_names_the_known_ones():
     with pytest.raises(TunesmithError, match="no metric 'exact' .*known: exact_match, general_ppl"):
         check_gates([parse_gate("exact >= 0.5")], RESULTS, {"base": "base"})
+
+
+def test_a_misspelled_gate_metric_is_refused_up_front_with_a_suggestion():
+    with pytest.raises(TunesmithError, match=r"no metric 'exact_matc'; did you mean 'exact_match'\?.*reports: "):
+        check_gate_metrics([parse_gate("exact_matc >= base")], EvaluateConfig())
+
+
+def test_a_gate_on_a_metric_this_config_does_not_report_says_which_option_reports_it():
+    with pytest.raises(TunesmithError, match="json_valid is not reported with this config; set evaluate.json_output"):
+        check_gate_metrics([parse_gate("json_valid >= 0.9")], EvaluateConfig())
+    with pytest.raises(TunesmithError, match="evaluate.general_check=true"):
+        check_gate_metrics([parse_gate("general_ppl <= base * 1.05")], EvaluateConfig(general_check=False))
+    with pytest.raises(TunesmithError, match="evaluate.harness.tasks"):
+        check_gate_metrics([parse_gate("harness:arc_easy:acc >= 0.5")], EvaluateConfig())
+
+
+def test_gates_on_every_metric_the_config_reports_pass_the_up_front_check(tmp_path):
+    module = tmp_path / "my_metrics.py"
+    module.write_text("def brevity(prediction, reference):\n    return float(len(prediction) <= len(reference))\n",
+                      encoding="utf-8")
+    settings = EvaluateConfig(json_output=True, labels=["yes", "no"], regex=".*", custom_metrics=[f"{module}:brevity"],
+                              harness={"tasks": ["arc_easy"]})
+    names = ["exact_match", "general_qa", "validation_loss", "json_valid", "field:qty", "accuracy", "macro_f1",
+             "regex_match", "brevity", "harness:arc_easy:acc"]
+    check_gate_metrics([parse_gate(f"{name} >= 0") for name in names], settings)
+
+
+@pytest.mark.parametrize("settings", [EvaluateConfig(), EvaluateConfig(json_output=True, labels=["a", "b"], regex="x+")])
+def test_the_up_front_metric_list_holds_every_metric_the_scorers_report(settings):
+    generation = Generation(text='{"a": 1}', new_tokens=3, stopped=True)
+    scored = {**example_scores(generation, '{"a": 1}', settings), **corpus_scores([generation], ['{"a": 1}'], settings)}
+    names = {"mean_new_tokens" if name == "new_tokens" else name for name in scored if not name.startswith("field:")}
+    assert names <= set(reported_metrics(settings))
+
+
+def test_evaluate_refuses_a_misspelled_gate_before_opening_any_model(monkeypatch, tmp_path):
+    from tunesmith.evaluate import run as evaluate_stage
+
+    monkeypatch.setattr(evaluate_stage.Run, "open", classmethod(lambda cls, path: object()))  # nothing may be read
+    monkeypatch.setattr(evaluate_stage, "load_tokenizer", lambda *a: pytest.fail("a model was loaded"))
+    config = load_config_with(tmp_path, {})
+    with pytest.raises(TunesmithError, match="did you mean 'exact_match'"):
+        evaluate_stage.evaluate_run(tmp_path, config, gates=["exact_matc >= base"])
+
+
+def test_tunesmith_run_refuses_a_misspelled_config_gate_before_preparing(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunesmith.cli.main import app
+
+    monkeypatch.setattr("tunesmith.data.prepare.prepare", lambda *a, **k: pytest.fail("data were prepared"))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"name": "t", "data": {"train": "train.jsonl"},
+                                      "registry": {"promote_if": ["exact_mtch >= champion + 0.02"]}}), encoding="utf-8")
+    result = CliRunner().invoke(app, ["run", str(config)])
+    assert isinstance(result.exception, TunesmithError) and "did you mean 'exact_match'" in str(result.exception)
+
+
+def load_config_with(tmp_path, raw: dict):
+    from tunesmith.config import validate_config
+
+    return validate_config({"name": "t", "data": {"train": str(tmp_path / "train.jsonl")}, **raw})
 
 
 def test_relative_gate_without_a_base_is_refused():

@@ -136,6 +136,7 @@ def retrain_command(
     from tunesmith.cli.data_commands import user_errors
     from tunesmith.config import load_config, load_run_config
     from tunesmith.errors import TunesmithError
+    from tunesmith.evaluate.gates import check_config_gates
     from tunesmith.registry.retrain import plan_retrain, version_run
     from tunesmith.registry.store import Registry
 
@@ -155,6 +156,7 @@ def retrain_command(
             if dry_run:
                 _print_plan(plan, from_, promote_to, metric, tolerance)
                 return
+        check_config_gates(plan.config)  # a misspelled gate fails now, not after training
         comparison, report, version = _retrain(registry, plan, data, from_, metric, tolerance)
     if not comparison["passed"]:
         if promote_to:

@@ -45,9 +45,11 @@ def run(config: ConfigArg, overrides: Overrides = None, overwrite: Overwrite = F
     from tunesmith.cli import output
     from tunesmith.config import load_config
     from tunesmith.data.prepare import prepare
+    from tunesmith.evaluate.gates import check_config_gates
     from tunesmith.evaluate.run import evaluate_run
 
     settings = load_config(config, overrides or [])
+    check_config_gates(settings)  # a misspelled gate fails now, not after training
     run_dir = prepare(settings, overwrite=overwrite)
     output.prepared(run_dir)
     output.trained(run_dir, _stoppable_train(run_dir, settings))

@@ -14,7 +14,7 @@ from rich.markup import escape
 from tunesmith.cli.output import console
 from tunesmith.config import load_run_config
 from tunesmith.evaluate.contenders import reference_labels
-from tunesmith.evaluate.gates import check_gates, describe_outcome, parse_gate
+from tunesmith.evaluate.gates import check_gate_metrics, check_gates, describe_outcome, parse_gate
 from tunesmith.registry.run import EVAL_REPORT, Run
 from tunesmith.registry.store import CONTENT_TAG, Registry, check_alias
 
@@ -35,6 +35,7 @@ def promote_version(reference: str, alias: str, extra_gates: list[str], why: str
     challenger_dir = registry.local_copy(name, version)
     config = load_run_config(challenger_dir)
     rules = [parse_gate(text) for text in [*config.evaluate.gates, *config.registry.promote_if, *extra_gates]]
+    check_gate_metrics(rules, config.evaluate)  # before the evaluation below, which takes minutes
     if champion is None:
         skipped = [rule.text for rule in rules if rule.reference == "champion"]
         rules = [rule for rule in rules if rule.reference != "champion"]

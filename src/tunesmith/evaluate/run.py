@@ -31,7 +31,7 @@ from tunesmith.evaluate.contenders import (
 )
 from tunesmith.data.answers import load_custom_metrics, load_json_schema
 from tunesmith.evaluate.examples import evaluation_examples
-from tunesmith.evaluate.gates import check_gates, parse_gate
+from tunesmith.evaluate.gates import check_gate_metrics, check_gates, parse_gate
 from tunesmith.evaluate.general import general_check, general_questions
 from tunesmith.evaluate.loss import assistant_token_loss
 from tunesmith.evaluate.metrics import corpus_scores, score_samples
@@ -65,6 +65,7 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
     settings = config.evaluate
     gate_rules = [parse_gate(text) for text in [*settings.gates, *gates]]
     check_settings(settings)
+    check_gate_metrics(gate_rules, settings)
     parent = parent_dir(run) if settings.compare_parent and run.is_trained else None
     parent_is_champion = bool(parent and champion and parent.resolve() == Path(champion).resolve())
     _check_gate_references(gate_rules, settings, champion, parent, run_dir)

@@ -95,7 +95,8 @@ def test_evaluate_refuses_a_misspelled_gate_before_opening_any_model(monkeypatch
         evaluate_stage.evaluate_run(tmp_path, config, gates=["exact_matc >= base"])
 
 
-def test_tunesmith_run_refuses_a_misspelled_config_gate_before_preparing(monkeypatch, tmp_path):
+@pytest.mark.parametrize("command", ["run", "prepare"])
+def test_run_and_prepare_refuse_a_misspelled_config_gate_before_preparing(monkeypatch, tmp_path, command):
     from typer.testing import CliRunner
 
     from tunesmith.cli.main import app
@@ -104,7 +105,7 @@ def test_tunesmith_run_refuses_a_misspelled_config_gate_before_preparing(monkeyp
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"name": "t", "data": {"train": "train.jsonl"},
                                       "registry": {"promote_if": ["exact_mtch >= champion + 0.02"]}}), encoding="utf-8")
-    result = CliRunner().invoke(app, ["run", str(config)])
+    result = CliRunner().invoke(app, [command, str(config)])
     assert isinstance(result.exception, TunesmithError) and "did you mean 'exact_match'" in str(result.exception)
 
 

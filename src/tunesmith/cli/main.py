@@ -94,8 +94,10 @@ def prepare(
     from tunesmith.cli import output
     from tunesmith.config import load_config
     from tunesmith.data.prepare import prepare as prepare_data
+    from tunesmith.evaluate.gates import check_config_gates
 
     settings = load_config(config, overrides or [])
+    check_config_gates(settings)  # the config's gates are checked with it, not first at evaluation
     run_dir = prepare_data(settings, overwrite=overwrite)
     output.prepared(run_dir)
     if show_mask:

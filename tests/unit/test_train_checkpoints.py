@@ -42,3 +42,18 @@ def test_a_write_that_fails_midway_leaves_no_checkpoint_and_no_temp_folder(tmp_p
         _write(tmp_path, 4)
     folder = tmp_path / CHECKPOINTS_DIR
     assert [p.name for p in folder.iterdir()] == ["step-00000002"]
+
+
+def test_a_stop_signal_is_acknowledged_at_once_and_a_second_ctrl_c_interrupts(capsys):
+    import os
+    import signal
+
+    from tunesmith.train.loop import StopSignals
+
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received == "SIGINT"
+        assert "stopping after this step" in capsys.readouterr().err  # said before the step ends, not after
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) != signals._handle  # handlers given back

@@ -95,7 +95,7 @@ def _prepare_scratch(settings) -> Path:
 
 def _score_prompting(run_dir: Path, settings, train, held_out, shots: int):
     """Per-example task scores of the base model zero-shot and with `shots` examples, and the tokens those add."""
-    from rich.progress import Progress
+    from tunesmith.progress_display import LoggedProgress
 
     from tunesmith.data.template import end_of_turn_token_ids
     from tunesmith.evaluate.advise import task_scores
@@ -111,7 +111,7 @@ def _score_prompting(run_dir: Path, settings, train, held_out, shots: int):
     check_fits_context(tokenizer, few_shot, evaluate.max_new_tokens,
                        getattr(model.config, "max_position_embeddings", None), shots)
     scores, variants = [], [("zero-shot", plain)] + ([(f"{shots}-shot", few_shot)] if shots else [])
-    with Progress(transient=True) as progress:
+    with LoggedProgress(transient=True) as progress:
         for label, conversations in variants:
             task = progress.add_task(f"base model, {label}", total=len(held_out))
             scores.append(task_scores(model, tokenizer, conversations, held_out, stop_ids, evaluate,
@@ -189,7 +189,7 @@ def _train_share(run_dir: Path, settings, share: float, data_file: Path, held_ou
 
 def _score_adapters(run_dir: Path, settings, held_out, share_runs: list[Path]) -> list[list[float]]:
     """Per-example task scores of each share's adapter, all attached to one copy of the base model."""
-    from rich.progress import Progress
+    from tunesmith.progress_display import LoggedProgress
 
     from tunesmith.data.template import end_of_turn_token_ids
     from tunesmith.evaluate.advise import task_scores
@@ -204,7 +204,7 @@ def _score_adapters(run_dir: Path, settings, held_out, share_runs: list[Path]) -
     model.eval()
     plain = [example.prompt_messages() for example in held_out]
     scores = []
-    with Progress(transient=True) as progress:
+    with LoggedProgress(transient=True) as progress:
         for number, share_dir in enumerate(share_runs):
             task = progress.add_task(f"LoRA {share_dir.name}", total=len(held_out))
             with answering_as(model, f"share_{number}") as active:

@@ -159,11 +159,11 @@ def mine_pairs(
 def _mine_pairs(run_dir: Path, out: Path, samples: int, temperature: float, max_prompts: int | None, seed: int,
                 batch_size: int, whole: bool) -> None:
     from rich.console import Console
-    from rich.progress import Progress
+    from tunesmith.progress_display import LoggedProgress
 
     from tunesmith.evaluate.mined_pairs import mine_pairs as mine
 
-    with Progress(transient=True) as progress:
+    with LoggedProgress(transient=True) as progress:
         task = progress.add_task("sampling answers", total=None)
         mined = mine(run_dir, out, samples, temperature, max_prompts, seed, batch_size,
                      on_progress=lambda n: progress.advance(task, n), cut=not whole,

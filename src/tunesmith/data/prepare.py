@@ -7,12 +7,13 @@ import json
 import time
 from pathlib import Path
 
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from tunesmith.config import RunConfig, config_to_yaml
 from tunesmith.data.card import TokenStats, card_html, card_markdown
 from tunesmith.data.formats import read_examples
 from tunesmith.data.pipeline import Source, run_pipeline, write_splits
+from tunesmith.progress_display import LoggedProgress
 from tunesmith.data.readers import lone_surrogate, safe_text
 from tunesmith.data.rows import RowSettings
 from tunesmith.data.run_lock import run_lock
@@ -108,7 +109,7 @@ def prepare_data(config: RunConfig, tokenizer, data_dir: Path) -> dict:
                            clean=data.clean, redact_pii=data.redact_pii, special_tokens=special_token_texts(tokenizer),
                            stratify_by=data.stratify_by, num_perm=data.minhash_permutations)
     scratch = data_dir / ".checked.jsonl"
-    with Progress(SpinnerColumn(), TextColumn("[bold]data[/] {task.description}"), TextColumn("{task.completed:,} rows"),
+    with LoggedProgress(SpinnerColumn(), TextColumn("[bold]data[/] {task.description}"), TextColumn("{task.completed:,} rows"),
                   TimeElapsedColumn(), transient=True) as progress:
         task = progress.add_task("checking, cleaning, dedup", total=None)
         result = run_pipeline(sources, settings, data, config.seed, scratch, data_dir / DROPPED_FILE,

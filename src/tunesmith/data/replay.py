@@ -88,13 +88,13 @@ def _self_distilled(config: RunConfig, base_source, tokenizer, wanted: int, prom
 
 
 def _generate(base_source, tokenizer, prompts: list[str], max_new_tokens: int) -> dict:
-    from rich.progress import Progress
+    from tunesmith.progress_display import LoggedProgress
 
     from tunesmith.generation.batch_generate import generate_batched
     from tunesmith.models import load_model
 
     model = load_model(base_source)
-    with Progress(transient=True) as progress:
+    with LoggedProgress(transient=True) as progress:
         task = progress.add_task(f"self-distillation: the base model answers {len(prompts)} general prompts (once)",
                                  total=len(prompts))
         outputs = generate_batched(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],

@@ -12,7 +12,6 @@ import re
 import time
 from pathlib import Path
 
-from rich.progress import Progress
 
 from tunesmith.config import EvaluateConfig, RunConfig
 from tunesmith.data.template import end_of_turn_token_ids, template_fingerprint, tokenize_example
@@ -47,6 +46,7 @@ from tunesmith.evaluate.prompt_baseline import (
 from tunesmith.evaluate.report import html_report, markdown_report
 from tunesmith.generation.batch_generate import sample_batched
 from tunesmith.models import load_tokenizer
+from tunesmith.progress_display import LoggedProgress
 from tunesmith.records import REPORT_VERSION, EvaluationReport
 from tunesmith.registry.run import Run
 from tunesmith.registry.run_dir import staged_dir, write_json_atomic
@@ -98,7 +98,7 @@ def evaluate_run(run_dir: Path, config: RunConfig, candidates: list[Path] = (), 
         harness_manager = harness_task_manager(settings.harness)
 
     results, per_example, outputs, general = {}, {}, {}, {}
-    with Progress(transient=True) as progress:
+    with LoggedProgress(transient=True) as progress:
         for contender in contenders:
             # The prompt baseline is the base model: its general knowledge is the base's, measured once.
             check_general = settings.general_check and not contender.few_shot

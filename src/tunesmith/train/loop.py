@@ -7,7 +7,9 @@ the dropout RNG is reseeded per step, so a resumed run repeats the uninterrupted
 from __future__ import annotations
 
 import math
+import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -151,6 +153,10 @@ class StopSignals:
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+            sys.stderr.write(f"\n{self.received}: stopping after this step (and its validation, if due) to save a "
+                             "checkpoint; Ctrl-C again stops at once without one\n")
+            sys.stderr.flush()
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import time
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from transformers import TrainerCallback
+
+from tunesmith.progress_display import LoggedProgress
 
 
 class RichProgressCallback(TrainerCallback):
     def __init__(self):
-        self.progress: Progress | None = None
+        self.progress: LoggedProgress | None = None
         self.task = None
         self.started = 0.0
         self.loss = float("nan")
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.progress = Progress(
+        self.progress = LoggedProgress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[speed]} tok/s"), TimeRemainingColumn(), transient=False,
         )
@@ -43,12 +45,12 @@ class LoopProgressBar:
 
     def __init__(self, total_steps: int, progress, enabled: bool = True):
         self.total_steps, self.enabled, self.start_step = total_steps, enabled, progress.step
-        self.bar: Progress | None = None
+        self.bar: LoggedProgress | None = None
         self.task = None
 
     def __enter__(self):
         if self.enabled:
-            self.bar = Progress(
+            self.bar = LoggedProgress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                 TextColumn("val {task.fields[val]}"), TextColumn("{task.fields[speed]} tok/s"), TimeRemainingColumn(),
             )

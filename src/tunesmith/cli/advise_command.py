@@ -95,12 +95,11 @@ def _prepare_scratch(settings) -> Path:
 
 def _score_prompting(run_dir: Path, settings, train, held_out, shots: int):
     """Per-example task scores of the base model zero-shot and with `shots` examples, and the tokens those add."""
-    from tunesmith.progress_display import LoggedProgress
-
     from tunesmith.data.template import end_of_turn_token_ids
     from tunesmith.evaluate.advise import task_scores
     from tunesmith.evaluate.prompt_baseline import check_fits_context, extra_prompt_tokens, few_shot_conversations
     from tunesmith.models import load_model, load_tokenizer
+    from tunesmith.progress_display import LoggedProgress
     from tunesmith.registry.run import Run
 
     source = Run.open(run_dir).base_source
@@ -189,11 +188,10 @@ def _train_share(run_dir: Path, settings, share: float, data_file: Path, held_ou
 
 def _score_adapters(run_dir: Path, settings, held_out, share_runs: list[Path]) -> list[list[float]]:
     """Per-example task scores of each share's adapter, all attached to one copy of the base model."""
-    from tunesmith.progress_display import LoggedProgress
-
     from tunesmith.data.template import end_of_turn_token_ids
     from tunesmith.evaluate.advise import task_scores
     from tunesmith.models import answering_as, attach_adapter, load_model, load_tokenizer
+    from tunesmith.progress_display import LoggedProgress
     from tunesmith.registry.run import Run
 
     source = Run.open(run_dir).base_source

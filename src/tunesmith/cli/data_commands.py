@@ -159,9 +159,9 @@ def mine_pairs(
 def _mine_pairs(run_dir: Path, out: Path, samples: int, temperature: float, max_prompts: int | None, seed: int,
                 batch_size: int, whole: bool) -> None:
     from rich.console import Console
-    from tunesmith.progress_display import LoggedProgress
 
     from tunesmith.evaluate.mined_pairs import mine_pairs as mine
+    from tunesmith.progress_display import LoggedProgress
 
     with LoggedProgress(transient=True) as progress:
         task = progress.add_task("sampling answers", total=None)

@@ -88,10 +88,9 @@ def _self_distilled(config: RunConfig, base_source, tokenizer, wanted: int, prom
 
 
 def _generate(base_source, tokenizer, prompts: list[str], max_new_tokens: int) -> dict:
-    from tunesmith.progress_display import LoggedProgress
-
     from tunesmith.generation.batch_generate import generate_batched
     from tunesmith.models import load_model
+    from tunesmith.progress_display import LoggedProgress
 
     model = load_model(base_source)
     with LoggedProgress(transient=True) as progress:

@@ -91,3 +91,63 @@ def test_an_untrained_run_and_a_changed_template_say_what_to_run(tmp_path, tiny_
         run.weights_dir
     with pytest.raises(TunesmithError, match="chat template of the base model differs.*re-run `tunesmith prepare`"):
         run.check_template(load_tokenizer(tiny_model_dir))
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_later_stage_removes_what_a_killed_writer_left_but_never_live_work(tmp_path):
+    import time
+
+    from tunesmith.registry import run_dir
+
+    host = run_dir._HOST
+    killed = tmp_path / f".quickstart.tmp-{_dead_pid()}.{host}-abc123"
+    live = tmp_path / f".quickstart.tmp-{os.getpid()}.{host}-def456"
+    elsewhere = tmp_path / f".quickstart.tmp-{_dead_pid()}.{'0' * 8 if host != '0' * 8 else '1' * 8}-ghi789"
+    old_unnamed, new_unnamed = tmp_path / ".quickstart.tmp-k2j4h5g6", tmp_path / ".quickstart.tmp-z9y8x7w6"
+    other_run = tmp_path / f".other.tmp-{_dead_pid()}.{host}-abc123"
+    for folder in (killed, live, elsewhere, old_unnamed, new_unnamed, other_run):
+        folder.mkdir()
+        (folder / "train.jsonl").write_text("half")
+    hour_ago = time.time() - 3600
+    os.utime(old_unnamed, (hour_ago, hour_ago))
+    with staged_dir(tmp_path / "quickstart") as staging:
+        assert staging.name.startswith(f".quickstart.tmp-{os.getpid()}.{host}-")
+        (staging / "manifest.json").write_text("{}")
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"quickstart", live.name, elsewhere.name, new_unnamed.name, other_run.name}
+
+
+def test_sigterm_during_a_cli_command_unwinds_and_removes_the_staged_folder(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"name": "t", "output_dir": str(tmp_path / "runs"),
+                                      "data": {"train": "train.jsonl"}}), encoding="utf-8")
+    script = (  # prepare, killed by SIGTERM (as `timeout` does) while it writes its staged run directory
+        "import os, signal, sys, time\n"
+        "import tunesmith.data.prepare as stage\n"
+        "from tunesmith.registry.run_dir import staged_dir\n"
+        "def prepare(config, overwrite=False):\n"
+        "    with staged_dir(config.run_dir) as staging:\n"
+        "        (staging / 'half.jsonl').write_text('x')\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(30)\n"
+        "stage.prepare = prepare\n"
+        "from tunesmith.cli.main import main\n"
+        f"sys.argv = ['tunesmith', 'prepare', {str(config)!r}]\n"
+        "main()\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 143, result.stderr
+    assert "terminated (SIGTERM)" in result.stderr and "Traceback" not in result.stderr
+    assert list((tmp_path / "runs").iterdir()) == []

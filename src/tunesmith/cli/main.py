@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -225,6 +226,7 @@ def serve(
     """Serve fine-tuned versions (and their bases) behind one OpenAI-compatible API, with continuous batching."""
     from tunesmith.cli.serve_command import serve_command
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the server drains on SIGTERM itself (uvicorn's own handler)
     code = serve_command(references or [], config, base, engine, host, port)
     if code:
         raise typer.Exit(code)
@@ -288,6 +290,15 @@ def options(
     Console().print(table)
 
 
+class Terminated(BaseException):
+    """SIGTERM (such as from `timeout` or a scheduler) outside training, which installs its own handler that saves a
+    checkpoint first: unwinds like Ctrl-C, so staged folders and temp files are removed on the way out."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main() -> None:
     """Console entry point: user errors become one red line and exit code 2, never a traceback."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -298,6 +309,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     from tunesmith.errors import TunesmithError
 
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         app()
     except TunesmithError as exc:
@@ -308,3 +320,6 @@ def main() -> None:
     except KeyboardInterrupt:
         print("\ninterrupted: nothing half-written was kept", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("\nterminated (SIGTERM): nothing half-written was kept", file=sys.stderr)
+        sys.exit(143)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
 import platform
+import re
 import shutil
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -15,6 +20,9 @@ from tunesmith.errors import TunesmithError
 
 MANIFEST = "manifest.json"
 LIBRARIES = ("tunesmith", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")
+STALE_UNNAMED_S = 60
+"""A staging folder that names no writer (made before they did) is left behind once untouched for this long."""
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def apply_umask(path: Path, directory: bool) -> None:
@@ -80,7 +88,9 @@ def fsync_tree(folder: Path) -> None:
 def staged_dir(final: Path):
     """Yield a temporary folder next to `final`; on success it is fsynced and replaces `final`, on error it vanishes."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    remove_stale_staging(final)
+    # The name says who writes it (pid, host), so a later write can tell a killed writer's leftovers from live work.
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{os.getpid()}.{_HOST}-"))
     try:
         apply_umask(staging, directory=True)
         yield staging
@@ -91,6 +101,39 @@ def staged_dir(final: Path):
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(final: Path) -> list[Path]:
+    """Delete staging folders of `final` that a killed process left behind (`.NAME.tmp-*` beside it): those whose
+    writer, a process on this host, is gone, and those naming no writer once untouched for a minute. A folder of a
+    live writer, or of one on another host (a shared disk), is never touched."""
+    named = re.compile(rf"\.{re.escape(final.name)}\.tmp-(\d+)\.([0-9a-f]{{8}})-")
+    removed = []
+    for path in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
+        match = named.match(path.name)
+        try:
+            if match:
+                stale = match[2] == _HOST and not _process_alive(int(match[1]))
+            else:
+                stale = time.time() - path.lstat().st_mtime > STALE_UNNAMED_S
+        except OSError:  # gone meanwhile
+            continue
+        if stale and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":
+        return True  # no cheap check there: keep the folder
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to someone else
+        return True
+    return True
 
 
 def environment() -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -28,7 +29,15 @@ def launch_processes(nproc: int, command: list[str]) -> int:
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "tunesmith", *command]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(_threads_per_process(nproc)))}
-    return subprocess.run(argv, env=env).returncode
+    process = subprocess.Popen(argv, env=env)
+    # A SIGTERM to the process group (`timeout`, schedulers) reaches torchrun too, which hands it to the workers:
+    # they save a checkpoint and exit. This process only waits to return their exit code; stopping on the signal
+    # (or passing torchrun a second one, which cuts its shutdown short) would leave the workers orphaned mid-save.
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        return process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _threads_per_process(nproc: int) -> int:

@@ -269,7 +269,8 @@ def test_a_job_succeeds_with_events_checkpoints_a_result_file_and_a_served_model
     events = list(alice.fine_tuning.jobs.list_events(created.id, limit=3))  # newest first, three to a page
     messages = [event.message for event in reversed(events)]
     assert messages == [f"Created fine-tuning job: {created.id}", f"Validating training file: {created.training_file}",
-                        "Files validated, moving job to queued state", "Fine-tuning job started",
+                        "Files found, moving job to queued state (their rows are checked when it starts)",
+                        "Fine-tuning job started",
                         "Step 1/4", "Step 2/4", "Step 3/4", "Step 4/4", f"New fine-tuned model created: {name}",
                         "The job has successfully completed"]
     metrics = [event for event in events if event.type == "metrics"]
@@ -331,6 +332,9 @@ def test_pause_keeps_the_progress_and_resume_continues_from_it(alice, service, m
     wait_for(lambda: gone(pid) and service.store.job(job.id).pid is None)
     stopped_at = steps_done(service.store, job.id)
     assert alice.fine_tuning.jobs.retrieve(job.id).status == "paused" and stopped_at < 12
+    messages = [event.message for event in reversed(list(alice.fine_tuning.jobs.list_events(job.id, limit=100)))]
+    requested = next(i for i, m in enumerate(messages) if m.startswith("Pause requested"))
+    assert messages.index("Job paused at its newest checkpoint") > requested  # said when it is true, not before
 
     assert alice.fine_tuning.jobs.resume(job.id).status == "queued"
     finished(alice, job.id)

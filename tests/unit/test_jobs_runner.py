@@ -247,3 +247,13 @@ def test_the_learning_rate_multiplier_scales_tunesmiths_default_for_the_base(tmp
     assert config.train.learning_rate == pytest.approx(0.5 * default)
     assert (config.train.epochs, config.train.batch_size, config.seed) == (EPOCHS, BATCH, SEED)
     assert config.run_dir == tmp_path / "run" and config.data.format == "chat"
+
+
+def test_an_empty_training_file_fails_saying_so_without_a_blank_line_number(tmp_path, tiny_model_dir):
+    upload = tmp_path / "file-empty"
+    upload.write_text("", encoding="utf-8")
+    job_dir = _job(tmp_path, tiny_model_dir, "ftjob-empty", upload)
+    assert main([str(job_dir)]) == 1
+    error = _result(job_dir).error
+    assert error.code == "invalid_training_file"
+    assert error.message.startswith("the training file: no examples found (the file is empty)"), error.message

@@ -121,6 +121,9 @@ class JobsService:
         return self._apply(job_id, "cancel", "Job cancelled")
 
     def pause(self, job_id: str) -> JobRecord:
+        if job_id in self._runners:  # its runner saves a checkpoint after the step in flight, then stops
+            return self._apply(job_id, "pause", "Pause requested: the job stops after its current step and a "
+                                                "checkpoint; resume it to continue from there")
         return self._apply(job_id, "pause", "Job paused; resume it to continue from its newest checkpoint")
 
     def resume(self, job_id: str) -> JobRecord:
@@ -213,7 +216,7 @@ class JobsService:
                                      finished_at=int(time.time())):
                 self._note(job.id, error["message"], level="error")
         elif self.store.update_job(job.id, when_status="validating_files", status="queued"):
-            self._note(job.id, "Files validated, moving job to queued state")
+            self._note(job.id, "Files found, moving job to queued state (their rows are checked when it starts)")
 
     def _launch(self, job: JobRecord) -> None:
         job_dir = self.store.job_dir(job.id)
@@ -281,6 +284,9 @@ class JobsService:
         job = self.store.job(job_id)
         code = runner.process.returncode
         if job.status != "running":  # cancelled or paused (or resumed already): the caller decided
+            if job.status == "paused":  # noted before the pid goes, which is when a watcher sees it stopped
+                self._note(job_id, "Job paused" + (" at its newest checkpoint" if code in STOPPED_EXIT_CODES else
+                                                   f" (its runner exited with code {code})"))
             self.store.update_job(job_id, pid=None)
         elif (self.store.job_dir(job_id) / "result.json").exists():
             self._publish_result(job)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from tunesmith.data.formats import read_examples
@@ -57,6 +58,7 @@ def _examples(path: Path, fmt: str, param: str) -> list:
 
 def _lines_named(message: str, path: Path, what: str) -> str:
     """The data stage's report (`PATH:LINE: problem` per line) as one line that names lines of `what`."""
-    message = message.replace(f"in {path}:", f"in the {what}:").replace(f"{path}:", "line ")
+    message = message.replace(f"in {path}:", f"in the {what}:")
+    message = re.sub(re.escape(str(path)) + r":(?=\d)", "line ", message)  # PATH:12: ... -> line 12: ...
     first, *problems = message.replace(str(path), f"the {what}").split("\n")
     return " ".join([first, "; ".join(problem.strip() for problem in problems)]).strip()

@@ -251,3 +251,35 @@ def test_the_same_run_registered_in_two_stores_gets_a_verified_copy_from_each(st
     assert second.lineage.content_id == first.lineage.content_id
     assert second.lineage.files_sha256 != first.lineage.files_sha256
     assert other.local_copy("orders", second.version) != store.local_copy("orders", first.version)
+
+
+def test_an_empty_registry_says_how_to_register_and_unknown_names_are_one_clear_error(store):
+    cli = CliRunner()
+    listed = cli.invoke(app, ["registry", "list"], env={"COLUMNS": "200"})
+    assert listed.exit_code == 0 and "nothing is registered yet" in listed.output
+    assert "tunesmith register RUN" in listed.output and "┏" not in listed.output
+    assert cli.invoke(app, ["registry", "list", "--json"]).output.strip() == "[]"
+    for command in (["rollback", "nothere"], ["registry", "history", "nothere"]):
+        result = cli.invoke(app, command)
+        assert result.exit_code != 0 and isinstance(result.exception, TunesmithError), command
+        assert "no registered model 'nothere' (registered: none yet)" in str(result.exception)
+        assert "Registered Model with name" not in str(result.exception)
+
+
+def test_history_keeps_versions_and_aliases_whole_on_a_narrow_terminal(monkeypatch):
+    from rich.console import Console
+
+    from tunesmith.cli import registry_view
+    from tunesmith.records import AliasMove
+
+    console = Console(width=80, record=True)
+    monkeypatch.setattr(registry_view, "console", console)
+    moves = [AliasMove(model="orders-classifier", alias="production-europe", kind=kind, from_version=old,
+                       to_version=new, when="2026-12-01T17:13:30+00:00", why="a reason long enough to wrap twice over",
+                       evidence={"rolled_back": old or "-"}) for kind, old, new in
+             (("promote", None, "1042"), ("promote", "1042", "1043"), ("rollback", "1043", "1042"))]
+    registry_view.print_history("orders-classifier", moves)
+    shown = console.export_text()
+    assert shown.count("production-europe") == 3 and "rollback" in shown and "1043" in shown and "…" not in shown
+    registry_view.print_history("orders-classifier", [])
+    assert "no alias moves yet" in console.export_text()

@@ -35,17 +35,24 @@ def list_models(as_json: AsJson = False) -> None:
     """Every registered model, its versions and its aliases."""
     from tunesmith.registry.store import Registry
 
-    rows = Registry().models()
+    registry = Registry()
+    rows = registry.models()
     if as_json:
         import json
 
         typer.echo(json.dumps(rows, indent=2))
         return
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    from tunesmith.cli.output import console
+    from tunesmith.cli.output import console, plain
 
-    table = Table("model", "version", "aliases", "run", "content id", title="registered models")
+    if not rows:
+        console.print(plain(f"nothing is registered yet in {registry.uri}; register a trained run with "
+                            "`tunesmith register RUN` (add --name NAME to choose the model's name)"))
+        return
+
+    table = Table(Column("model", no_wrap=True), Column("version", no_wrap=True), Column("aliases", overflow="fold"),
+                  Column("run", overflow="fold"), Column("content id", no_wrap=True), title="registered models")
     for model in rows:
         for version in model["versions"]:
             aliases = ", ".join(a for a, v in sorted(model["aliases"].items()) if str(v) == version["version"])

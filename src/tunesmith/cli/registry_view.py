@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from tunesmith.cli.output import console
 from tunesmith.records import AliasMove, VersionInfo
@@ -64,7 +64,15 @@ def _print_evaluation(evaluation: dict | None) -> None:
 
 
 def print_history(name: str, moves: list[AliasMove]) -> None:
-    table = Table("when", "alias", "kind", "from", "to", "why", "evidence", title=f"alias history of {escape(name)}")
+    if not moves:
+        console.print(f"{escape(name)} has no alias moves yet; move one with "
+                      f"`tunesmith promote {escape(name)}@VERSION --to production`", highlight=False)
+        return
+    # Versions and aliases are never cut short on a narrow terminal; the time, reason and evidence wrap instead.
+    fixed = (Column(header, no_wrap=True) for header in ("alias", "kind", "from", "to"))
+    table = Table(Column("when", overflow="fold"), *fixed, Column("why", overflow="fold"),
+                  Column("evidence", overflow="fold"),
+                  title=f"alias history of {escape(name)}")
     for move in moves:
         gates = move.evidence.get("gates") or []
         evidence = (f"{sum(g['passed'] for g in gates)}/{len(gates)} gates passed" if gates

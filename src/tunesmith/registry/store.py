@@ -123,18 +123,25 @@ class Registry:
             source = f"{self.client.get_run(run_id).info.artifact_uri}/{SNAPSHOT}"
             return str(self.client.create_model_version(name, source, run_id=run_id, tags=tags).version)
 
-    def resolve(self, reference: str) -> tuple[str, str]:
-        """(model, version number) for a reference; unknown names, versions and aliases are one clear error."""
+    def registered_model(self, name: str):
+        """MLflow's registered model `name`; an unknown name is one clear error that lists the registered ones."""
         from mlflow.exceptions import MlflowException
 
-        name, which = parse_reference(reference)
         with self.errors():
             try:
-                model = self.client.get_registered_model(name)
-            except MlflowException:
+                return self.client.get_registered_model(name)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
                 known = ", ".join(sorted(m.name for m in self.client.search_registered_models())) or "none yet"
-                raise TunesmithError(f"no registered model {name!r} (registered: {known}); "
-                                     "register one with `tunesmith register RUN_DIR --name NAME`") from None
+        raise TunesmithError(f"no registered model {name!r} (registered: {known}); "
+                             "register one with `tunesmith register RUN_DIR --name NAME`")
+
+    def resolve(self, reference: str) -> tuple[str, str]:
+        """(model, version number) for a reference; unknown names, versions and aliases are one clear error."""
+        name, which = parse_reference(reference)
+        model = self.registered_model(name)
+        with self.errors():
             complete = {str(v.version) for v in self.client.search_model_versions(
                 f"name = '{name}' and tags.`{COMPLETE_TAG}` = 'true'")}
             if which is None:
@@ -245,7 +252,8 @@ class Registry:
         return move
 
     def history(self, name: str, alias: str | None = None) -> list[AliasMove]:
-        """Every completed alias move of `name` (of one alias when given), oldest first."""
+        """Every completed alias move of `name` (of one alias when given), oldest first; an unknown name is an error."""
+        self.registered_model(name)
         with self.errors():
             experiment = self.client.get_experiment_by_name(HISTORY_EXPERIMENT)
             if experiment is None:
@@ -265,8 +273,7 @@ class Registry:
                 holders.pop()
             else:
                 holders.append(move.to_version)
-        with self.errors():
-            current = (self.client.get_registered_model(name).aliases or {}).get(alias)
+        current = (self.registered_model(name).aliases or {}).get(alias)
         if current is None:
             raise TunesmithError(f"{name} has no alias {alias!r} to roll back")
         if not holders or holders[-1] != str(current):

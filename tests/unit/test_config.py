@@ -230,6 +230,21 @@ def test_every_option_has_a_description_and_appears_in_the_docs():
         assert f"| `{key}` |" in markdown
 
 
+@pytest.mark.parametrize("columns", ["80", "120", "200"])
+def test_options_never_cut_an_option_name_short(columns):
+    import re
+
+    from typer.testing import CliRunner
+
+    from tunesmith.cli.main import app
+
+    result = CliRunner().invoke(app, ["options"], env={"COLUMNS": columns})
+    assert result.exit_code == 0, result.output
+    for key, *_ in option_rows():
+        assert re.search(rf"(^|[\s│]){re.escape(key)}[\s│]", result.output, re.M), f"{key} is cut at {columns} columns"
+    assert "[q_proj," in result.output  # shown as written, not read as markup
+
+
 def test_load_run_config_reads_the_run_directory(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

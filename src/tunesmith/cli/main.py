@@ -277,17 +277,28 @@ def options(
 ) -> None:
     """List every config option with its type, default and meaning."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.padding import Padding
+    from rich.table import Column, Table
+    from rich.text import Text
 
     from tunesmith.config import option_rows, options_markdown
 
     if markdown:
         typer.echo(options_markdown(), nl=False)
         return
-    table = Table("option", "type", "default", "meaning", title="tunesmith config options")
-    for row in option_rows():
-        table.add_row(*row)
-    Console().print(table)
+    rows, console = option_rows(), Console()
+    name_width = max(len(key) for key, *_ in rows)
+    if console.width < name_width + 95:  # too narrow for a table that keeps option names whole: a block each
+        for key, type_name, default, meaning in rows:
+            console.print(Text.assemble((key, "bold"), f"  {type_name} = {default}"))
+            console.print(Padding(Text(meaning), (0, 0, 0, 4)))
+        return
+    table = Table(Column("option", no_wrap=True, min_width=name_width), Column("type", overflow="fold", max_width=20),
+                  Column("default", overflow="fold", max_width=20), Column("meaning", ratio=1),
+                  title="tunesmith config options")
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))
+    console.print(table)
 
 
 class Terminated(BaseException):

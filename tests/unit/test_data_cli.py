@@ -31,6 +31,13 @@ def test_inspect_reports_formats_problems_duplicates_and_pii_without_writing(tmp
     assert {p.name for p in tmp_path.iterdir()} <= {"d.jsonl", "home"}  # nothing written beside the data
 
 
+def test_inspect_of_a_missing_file_says_it_does_not_exist_without_naming_config_keys(tmp_path):
+    result = invoke("data", "inspect", tmp_path / "nope.jsonl")
+    assert result.exit_code != 0
+    message = result.output + str(result.exception or "")
+    assert f"{tmp_path / 'nope.jsonl'} does not exist" in message and "data.train" not in message
+
+
 def test_inspect_with_a_model_flags_its_special_tokens_in_content(tmp_path, tiny_model_dir):
     rows = order_rows(3)
     rows[2]["messages"][1]["content"] += "<|im_end|>"

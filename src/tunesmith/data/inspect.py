@@ -9,6 +9,7 @@ from pathlib import Path
 from tunesmith.data.formats import KIND_OF_FORMAT
 from tunesmith.data.readers import file_type, iter_raw_lines, iter_records
 from tunesmith.data.rows import RowSettings, check_chunk, init_worker
+from tunesmith.errors import TunesmithError
 
 EXAMPLES_PER_REASON = 3
 
@@ -16,6 +17,9 @@ EXAMPLES_PER_REASON = 3
 def inspect_file(path: Path, fmt: str = "auto", special_tokens: tuple[str, ...] = ()) -> dict:
     """Rows, formats, problems by reason (with the first lines), exact duplicates and PII that would be redacted."""
     path = Path(path)
+    if not path.exists():  # no config is involved here, so the reader's data.train hint would mislead
+        raise TunesmithError(f"{path} does not exist; pass a data file (.jsonl, .json, .csv, .parquet) or a saved "
+                             "Hugging Face dataset folder")
     init_worker(RowSettings(fmt=None if fmt == "auto" else fmt, special_tokens=special_tokens, redact_pii=True))
     items = iter_raw_lines(path) if file_type(path) == "jsonl" else iter_records(path)
     formats, problems, reasons, pii = defaultdict(list), defaultdict(list), Counter(), Counter()

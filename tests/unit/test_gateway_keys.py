@@ -7,7 +7,7 @@ import hashlib
 import json
 import sqlite3
 import threading
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
 from typer.testing import CliRunner
@@ -203,8 +203,9 @@ def test_cli_create_list_revoke_and_usage():
     created = cli.invoke(keys_app, ["create", "--name", "team-a", "--models", "orders@*", "--models", "base",
                                     "--rpm", "60", "--tpm", "5000"])
     assert created.exit_code == 0, created.output
-    full = next(line for line in created.output.splitlines() if line.startswith("tsk-"))
-    assert "cannot be shown again" in created.output and "needs nothing more" in created.output
+    full = created.stdout.strip()  # the key alone on stdout, for KEY=$(tunesmith keys create ...)
+    assert created.stdout == full + "\n" and full.startswith("tsk-") and " " not in full
+    assert "cannot be shown again" in created.stderr and "needs nothing more" in created.stderr
     store = KeyStore()
     key = store.authenticate(full)
     assert key.models == ("orders@*", "base") and (key.rpm, key.tpm, key.admin) == (60, 5000, False)
@@ -221,6 +222,12 @@ def test_cli_create_list_revoke_and_usage():
     as_json = json.loads(cli.invoke(keys_app, ["usage", "--since", "2024-05-02", "--json"]).output)
     assert as_json == [{"key_name": "team-a", "key_id": key.key_id, "model": "base", "day": "2024-05-02",
                         "requests": 1, "prompt_tokens": 800, "completion_tokens": 66}]
+    # Ages read as `logs export --since` reads them: 2d is the day before yesterday, and all of it counts.
+    today = datetime.now(timezone.utc)
+    store.record_usage(key.key_id, "base", 10, 1, when=today - timedelta(days=2))
+    store.record_usage(key.key_id, "base", 10, 1, when=today - timedelta(days=3))
+    recent = json.loads(cli.invoke(keys_app, ["usage", "--since", "2d", "--json"]).output)
+    assert [row["day"] for row in recent] == [(today - timedelta(days=2)).date().isoformat()]
 
     revoked = cli.invoke(keys_app, ["revoke", "team-a"])
     assert revoked.exit_code == 0 and f"revoked key team-a ({key.key_id})" in revoked.output
@@ -230,7 +237,7 @@ def test_cli_create_list_revoke_and_usage():
 
 def test_cli_bad_input_is_a_tunesmith_error():
     cli = CliRunner()
-    for args, message in ((["usage", "--since", "May 1"], "--since 'May 1': not a day"),
+    for args, message in ((["usage", "--since", "May 1"], "--since 'May 1': not a date or an age"),
                           (["revoke", "nobody"], "no key named or with id 'nobody'"),
                           (["create", "--name", "team-a", "--rpm", "0"], "--rpm 0")):
         result = cli.invoke(keys_app, args)

@@ -21,20 +21,22 @@ def create(
         "--tpm", help="Prompt + completion tokens per minute (default: no limit).")] = None,
     admin: Annotated[bool, typer.Option("--admin", help="May call the server's admin endpoints.")] = False,
 ) -> None:
-    """Create a key and print it once: only a salted hash of it is stored."""
+    """Create a key and print it once: only a salted hash of it is stored. The key is the only line on stdout
+    (`KEY=$(tunesmith keys create --name team-a)`); what it is and how to use it goes to stderr."""
+    from rich.console import Console
     from rich.markup import escape
 
-    from tunesmith.cli.output import console
     from tunesmith.serve.gateway.keys import KeyStore
 
     store = KeyStore()
     key, full_key = store.create(name, models or (), rpm, tpm, admin)
-    console.print(f"[bold green]created[/] key {key.name} ({key.key_id}): {escape(_limits(key))}", highlight=False)
+    notes = Console(stderr=True, highlight=False)
+    notes.print(f"[bold green]created[/] key {key.name} ({key.key_id}): {escape(_limits(key))}")
     typer.echo(full_key)  # plain, unwrapped: it is meant to be copied or piped
-    console.print("[bold yellow]This key cannot be shown again[/]: store it now (clients send it as "
-                  "`Authorization: Bearer <key>`, the openai client as api_key).", highlight=False)
-    console.print(f"`tunesmith serve` needs nothing more: it reads the key store ({store.path}) and accepts the key "
-                  "within a second, also while running.", highlight=False, markup=False)
+    notes.print("[bold yellow]This key cannot be shown again[/]: store it now (clients send it as "
+                "`Authorization: Bearer <key>`, the openai client as api_key).")
+    notes.print(f"`tunesmith serve` needs nothing more: it reads the key store ({store.path}) and accepts the key "
+                "within a second, also while running.", markup=False)
 
 
 @keys_app.command("list")
@@ -76,7 +78,9 @@ def revoke(name_or_id: Annotated[str, typer.Argument(help="The key's name or id 
 
 @keys_app.command()
 def usage(
-    since: Annotated[Optional[str], typer.Option("--since", help="First UTC day to include, YYYY-MM-DD.")] = None,
+    since: Annotated[Optional[str], typer.Option("--since", help="First UTC day to include: 2026-11-01, or an age "
+                                                                 "such as 7d, 24h or 30m (from the day it falls in).")
+                     ] = None,
     key: Annotated[Optional[str], typer.Option("--key", help="Only this key (name or id).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
@@ -115,16 +119,12 @@ def _usage_table(rows):
 
 
 def _day(text: str | None):
-    from datetime import date
+    """The UTC day `--since` falls in, read as `tunesmith logs export --since` reads it (a date, a time or an age)."""
+    from datetime import timezone
 
-    from tunesmith.errors import TunesmithError
+    from tunesmith.request_log import parse_since
 
-    if text is None:
-        return None
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise TunesmithError(f"--since {text!r}: not a day; write it as YYYY-MM-DD, e.g. 2024-05-01") from None
+    return None if text is None else parse_since(text).astimezone(timezone.utc).date()
 
 
 def _minute(timestamp: str | None) -> str:

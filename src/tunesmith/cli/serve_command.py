@@ -23,12 +23,16 @@ def serve_command(references: list[str], config: Path | None, base: bool | None,
         raise TunesmithError("nothing to serve: name run directories or registered versions (NAME@ALIAS), "
                              "or list them under serve.models in the file given to --config")
     serve_base = settings.serve_base if base is None else base
-    host, port, engine = host or settings.host, port or settings.port, engine or settings.engine
+    host, engine = host or settings.host, engine or settings.engine
+    port = settings.port if port is None else port
+    check_port_number(port)
     if engine == "native":
         from tunesmith.serve.app import run_server
 
         extend = fine_tuning_api(settings.jobs) if settings.jobs.enabled else None
-        run_server(references, settings.model_copy(update={"host": host, "port": port}), serve_base, extend=extend)
+        # An untrained run is served as its base alone only when --base asked for bases in so many words.
+        run_server(references, settings.model_copy(update={"host": host, "port": port}), serve_base, extend=extend,
+                   untrained_as_base=base is True)
         return 0
     from tunesmith.serve.targets import resolve_targets
 
@@ -42,6 +46,13 @@ def serve_command(references: list[str], config: Path | None, base: bool | None,
 
         return launch_llama_server(targets, host, port, serve_base)
     raise TunesmithError(f"--engine {engine}: unknown; use native, vllm or llamacpp")
+
+
+def check_port_number(port: int) -> None:
+    """Refuse a port no socket can have before anything slow starts (models load for half a minute)."""
+    if not 1 <= port <= 65535:
+        raise TunesmithError(f"port {port} is out of range: pass --port (or set serve.port to) a number from 1 to "
+                             "65535, such as 8000")
 
 
 def fine_tuning_api(settings):

@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 
 from tunesmith.config import ServeConfig
+from tunesmith.errors import TunesmithError
 from tunesmith.generation.requests import GenerationRequest
 from tunesmith.machine import set_cpu_threads
 from tunesmith.serve.answers import (
@@ -175,29 +176,42 @@ class ServerExtension:
 
 def run_server(references: list[str] | Path | str, settings: ServeConfig | None = None, serve_base: bool = True,
                log_level: str = "warning",
-               extend: Callable[[ServingEngine, Gateway], ServerExtension] | None = None) -> None:
+               extend: Callable[[ServingEngine, Gateway], ServerExtension] | None = None,
+               untrained_as_base: bool = False) -> None:
     """Load the served versions and serve them behind the gateway until SIGTERM/Ctrl-C, which stops taking requests
-    and lets those in flight finish for up to `settings.drain_seconds`."""
+    and lets those in flight finish for up to `settings.drain_seconds`. An untrained run is refused, unless
+    `untrained_as_base` (the user asked for bases): then its base is served alone."""
     import torch
     import uvicorn
 
-    settings = settings or ServeConfig()
-    if not torch.cuda.is_available():
-        set_cpu_threads(settings.threads)
+    from tunesmith.serve.gateway.keys import KeyStore
 
+    settings = settings or ServeConfig()
     references = [str(references)] if isinstance(references, (str, Path)) else list(references)
     targets = resolve_targets(references)
     named = {target.name for target in targets}  # route arms not served yet are registry references to add
     unserved = list(dict.fromkeys(arm for route in settings.routes.values() for arm in route.arms() if arm not in named))
     targets += resolve_targets(unserved) if unserved else []
+    untrained = next((target for target in targets if not target.run.is_trained), None)
+    if untrained is not None and not untrained_as_base:
+        raise TunesmithError(f"{untrained.run_dir} has not been trained yet; run `tunesmith train {untrained.run_dir}` "
+                             "first, or pass --base to serve its base model alone")
+    # Where to listen is settled, and checked free, before the models load: a taken port fails in a second.
+    keys = KeyStore(settings.keys_file)
+    try:
+        host, warning = listen_host(settings.host, keys.has_active_keys())
+    finally:
+        keys.close()
+    check_can_listen(host, settings.port)
+    if warning:
+        print(warning, flush=True)
+    if not torch.cuda.is_available():
+        set_cpu_threads(settings.threads)
     engine = ServingEngine.from_targets(targets, serve_base, precision=settings.precision,
                                         default_max_tokens=settings.max_new_tokens,
                                         max_batch=settings.max_batch, max_waiting=settings.max_waiting,
                                         request_timeout=settings.request_timeout)
     gateway = Gateway.from_settings(engine, settings)
-    host, warning = listen_host(settings.host, gateway.keys_required())
-    if warning:
-        print(warning, flush=True)
     engine.start()
     extension = extend(engine, gateway) if extend else ServerExtension()
     stop_watching = start_alias_watcher(engine, settings.reload_seconds) if settings.reload_seconds else None
@@ -232,3 +246,27 @@ def listen_host(host: str, keys_required: bool) -> tuple[str, str | None]:
         return host, None
     return "127.0.0.1", (f"No API key exists, so the server listens on 127.0.0.1 only, not {host}: create one with "
                          "`tunesmith keys create --name NAME` to serve other machines.")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Bind `host:port` for a moment, as uvicorn will, so that a taken port or a foreign address is one clear line
+    now rather than a traceback after the models have loaded."""
+    import errno
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise TunesmithError(f"port {port} is out of range: pass --port (or set serve.port to) a number from 1 to "
+                             "65535, such as 8000")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+            probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise TunesmithError(f"port {port} on {host} is already in use: stop the other server or pass "
+                                 "--port N") from None
+        if exc.errno == errno.EACCES:
+            raise TunesmithError(f"port {port} on {host} needs administrator rights: pass --port with a number "
+                                 "above 1023, such as 8000") from None
+        raise TunesmithError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pass --host with an address "
+                             "of this machine, such as 127.0.0.1") from None

@@ -196,6 +196,51 @@ def test_hostile_requests_get_an_openai_shaped_4xx_and_the_server_keeps_answerin
                       json={"model": "orders", "messages": PROMPT, "max_tokens": 2}).status_code == 200
 
 
+def test_unknown_parameters_are_a_400_naming_them_and_fields_that_ask_nothing_pass(server_url, client):
+    for path, body in (("chat/completions", {"messages": PROMPT}), ("completions", {"prompt": "Order 5 pens"})):
+        for unknown in ("foo", "top_k", "repetition_penalty"):  # vLLM's sampling extras would change the answer
+            reply = httpx.post(f"{server_url}/v1/{path}", json={"model": "orders", "max_tokens": 2, **body, unknown: 1})
+            error = reply.json()["error"]
+            assert reply.status_code == 400 and error["param"] == unknown, reply.text
+            assert f"unknown parameter '{unknown}'" in error["message"]
+    harmless = {"user": "u1", "metadata": {"team": "a"}, "store": False, "service_tier": "auto", "tools": [],
+                "parallel_tool_calls": True, "prompt_cache_key": "k", "safety_identifier": "s"}
+    reply = httpx.post(f"{server_url}/v1/chat/completions",
+                       json={"model": "orders", "messages": PROMPT, "max_tokens": 2, **harmless})
+    assert reply.status_code == 200, reply.text
+    for asks_something in ({"store": True}, {"service_tier": "priority"}, {"reasoning_effort": "high"}):
+        with pytest.raises(openai.BadRequestError, match="is not supported"):
+            client.chat.completions.create(model="orders", messages=PROMPT, max_tokens=2, extra_body=asks_something)
+
+
+def test_text_content_parts_are_joined_and_any_other_part_is_refused(client):
+    def answer(messages):
+        reply = client.chat.completions.create(model="orders", messages=messages, max_tokens=8, temperature=0)
+        return reply.choices[0].message.content
+
+    as_strings = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Send 3 blue mug"},
+                  {"role": "assistant", "content": "OK"}, {"role": "user", "content": "to Denver"}]
+    as_parts = [{"role": m["role"], "content": [{"type": "text", "text": word} for word in m["content"].split(" ")]}
+                for m in as_strings]
+    joined = [{**m, "content": m["content"].replace(" ", "")} for m in as_strings]
+    assert answer(as_parts) == answer(joined)  # parts join with no separator, for every role
+    one_part = [{"role": "user", "content": [{"type": "text", "text": "Send 3 blue mug"}]}]
+    assert answer(one_part) == answer(as_strings[1:2])
+    for part in ({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                 {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, "plain"):
+        with pytest.raises(openai.BadRequestError, match="this server takes text only") as caught:
+            answer([{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}])
+        assert caught.value.body["param"] == "messages.0.content"
+
+
+def test_a_body_that_is_not_json_says_where_and_why(server_url):
+    reply = httpx.post(f"{server_url}/v1/chat/completions", content=b'{"model":"orders",',
+                       headers={"content-type": "application/json"})
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["param"] is None
+    assert error["message"].startswith("the request body is not valid JSON at character 18: Expecting property name")
+
+
 def test_oversized_bodies_are_refused_before_they_are_read(server_url):
     big = {"model": "orders", "messages": [{"role": "user", "content": "x" * (5 * 2**20)}]}
     reply = httpx.post(f"{server_url}/v1/chat/completions", json=big)

@@ -73,9 +73,8 @@ class ModelNotAllowed(TunesmithError):
 def error_of(exc: Exception) -> tuple[JSONResponse, str]:
     """The OpenAI-shaped response for an exception, and the rejection reason that metrics count it under."""
     if isinstance(exc, RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(part) for part in first["loc"] if part != "body") or None
-        return error_response(400, f"{param or 'body'}: {first['msg']}", param=param), "invalid_request"
+        message, param = validation_message(exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"})
+        return error_response(400, message, param=param), "invalid_request"
     if isinstance(exc, ModelNotFound):
         return error_response(404, str(exc), param="model", code="model_not_found"), "not_found"
     if isinstance(exc, ModelNotAllowed):
@@ -102,6 +101,23 @@ def error_of(exc: Exception) -> tuple[JSONResponse, str]:
         reason = "not_found" if exc.status_code == 404 else "invalid_request"
         return error_response(exc.status_code, str(exc.detail), kind=kind), reason
     return error_response(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error"), "server_error"
+
+
+def validation_message(error: dict) -> tuple[str, str | None]:
+    """What a request validation error says to the caller, and the request field (`param`) it concerns."""
+    loc, kind = tuple(error.get("loc") or ()), error.get("type")
+    if kind == "json_invalid":  # FastAPI puts the decoder's character offset where a field name would be
+        where = f" at character {loc[1]}" if len(loc) > 1 else ""
+        reason = (error.get("ctx") or {}).get("error", "cannot be decoded")
+        return f"the request body is not valid JSON{where}: {reason}; send one JSON object", None
+    if kind == "missing" and loc == ("body",):
+        return "the request body is empty; send one JSON object", None
+    param = ".".join(str(part) for part in loc if part != "body") or None
+    if kind == "extra_forbidden":  # the name is the caller's text: quoted, and cut short if it is long
+        name = param if len(param) <= 100 else param[:100] + "..."
+        return f"unknown parameter {name!r}: this server does not take it; leave it out", name
+    message = str(error.get("msg", "invalid request")).removeprefix("Value error, ")
+    return f"{param or 'body'}: {message}", param
 
 
 def install_error_handlers(app: FastAPI, on_error: Callable[[str], None] = lambda reason: None) -> None:

@@ -14,11 +14,35 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant"]
     content: str
+    """A string, or OpenAI's list of content parts: text parts are joined in order (as OpenAI concatenates them)."""
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_joined(cls, content):
+        return join_text_parts(content) if isinstance(content, list) else content
 
     @field_validator("content")
     @classmethod
     def _valid_unicode(cls, content: str) -> str:
         return _check_unicode(content)
+
+
+def join_text_parts(parts: list) -> str:
+    """The text of OpenAI content parts (`[{"type": "text", "text": ...}]`), joined with no separator; any other
+    kind of part (image_url, input_audio, file, refusal) is refused, since this server reads text only."""
+    if not parts:
+        raise ValueError("a list of content parts must hold at least one text part")
+    texts = []
+    for number, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            what = f"type {kind!r}" if isinstance(kind, str) else "no `type`"
+            raise ValueError(f"content part {number} has {what}: this server takes text only; send "
+                             '{"type": "text", "text": "..."} parts or a string')
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f'content part {number} needs a string `text`')
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _check_unicode(text: str) -> str:
@@ -61,19 +85,31 @@ class ResponseFormat(BaseModel):
 UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
                "function_call": (None, "none"), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
                "frequency_penalty": (None, 0, 0.0), "prediction": (None,), "audio": (None,),
-               "modalities": (None, ["text"]), "suffix": (None, ""), "web_search_options": (None,)}
-"""Request fields this server cannot honour, with the values that ask for nothing; anything else is a 400."""
+               "modalities": (None, ["text"]), "suffix": (None, ""), "web_search_options": (None,),
+               "reasoning_effort": (None,), "verbosity": (None,), "store": (None, False),
+               "service_tier": (None, "auto", "default")}
+"""Request fields this server cannot honour, with the values that ask for nothing; anything else is a 400.
+(`store: true` asks OpenAI to keep the completion for later retrieval, and `flex`/`priority` tiers ask for a
+different service: we offer neither, so only the values that ask for nothing pass.)"""
+
+IGNORED = frozenset({"metadata", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"})
+"""Fields OpenAI clients send that no value of can change an answer, accepted and dropped: `metadata` only tags
+stored completions (never stored here), `parallel_tool_calls` only matters with tools (refused above),
+`prompt_cache_key` is a cache hint (our prefix cache needs none), `safety_identifier` an end-user id for OpenAI's
+abuse monitoring. Every other field the schema does not declare is a 400 naming it."""
 
 MAX_CHOICES = 16
 
 
 def _refuse_unsupported(raw):
-    """Options that would change the answer are refused, never silently ignored."""
-    if isinstance(raw, dict):
-        for name, harmless in UNSUPPORTED.items():
-            if name in raw and raw[name] not in harmless:
-                raise ValueError(f"`{name}` is not supported by this server; leave it out")
-    return raw
+    """Options that would change the answer are refused, never silently ignored; those that ask for nothing are
+    dropped here, so that any field still undeclared is an unknown parameter."""
+    if not isinstance(raw, dict):
+        return raw
+    for name, harmless in UNSUPPORTED.items():
+        if name in raw and raw[name] not in harmless:
+            raise ValueError(f"`{name}` is not supported by this server; leave it out")
+    return {name: value for name, value in raw.items() if name not in UNSUPPORTED and name not in IGNORED}
 
 
 def _valid_stop(stop):
@@ -83,9 +119,10 @@ def _valid_stop(stop):
 
 
 class SamplingFields(BaseModel):
-    """What chat and text completions share; fields the official client may add but we do not use are ignored."""
+    """What chat and text completions share. An undeclared field is refused (`extra_forbidden`, which the error
+    handler words as an unknown parameter), unless `UNSUPPORTED` or `IGNORED` above names it."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)

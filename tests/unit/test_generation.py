@@ -10,7 +10,8 @@ import torch
 
 from tunesmith.data.template import end_of_turn_token_ids, generation_prompt_ids
 from tunesmith.errors import TunesmithError
-from tunesmith.generation.engine import BatchingEngine, EngineBusy, ModelGroup, Route
+from tunesmith.generation.engine import BatchingEngine, EngineBusy, Route
+from tunesmith.generation.model_group import ModelGroup
 from tunesmith.generation.requests import ChoiceUpdate, Failed, GenerationRequest, SamplingParams
 from tunesmith.generation.text_stream import TextStream
 from tunesmith.models import load_model, load_tokenizer

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunesmith.data.template import generation_prompt_ids
-from tunesmith.generation.engine import BatchingEngine, ModelGroup, Route
+from tunesmith.generation.engine import BatchingEngine, Route
+from tunesmith.generation.model_group import ModelGroup
 from tunesmith.generation.requests import ChoiceUpdate, GenerationRequest, SamplingParams
 
 PREFILL_CHUNK = 1024  # batch generation wants throughput, not a short time to first token

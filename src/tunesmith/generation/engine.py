@@ -2,8 +2,10 @@
 
 Each step (1) drops cancelled and overdue requests, (2) prefills waiting prompts in chunks of at most
 `prefill_chunk` tokens so running rows are never stalled for long, (3) decodes one token for every running row of
-every model group in one forward pass per group. A group is one model in memory: a base with any number of LoRA
-adapters (rows of different adapters share the pass, see `multi_lora`), or a fully fine-tuned model of its own.
+every model group in one forward pass per group. Where the next prompts go to a group that is decoding, their
+tokens (within the same budget) ride in its decode pass instead of a pass of their own (see `fused_step`). A group is
+one model in memory (`model_group`): a base with any number of LoRA adapters (rows of different adapters share the
+pass, see `multi_lora`), or a fully fine-tuned model of its own.
 
 Why not transformers' ContinuousBatchingManager: it takes one generation config for the whole batch and one set of
 weights, while a served batch mixes adapters, sampling settings, grammars and log-probability requests per row.
@@ -22,12 +24,11 @@ from typing import Callable
 
 from tunesmith.errors import TunesmithError
 from tunesmith.generation.constraints import mask_logits
-from tunesmith.generation.multi_lora import AdapterRows, add_stacked_adapter, remove_stacked_adapter
-from tunesmith.generation.packed_linear import pack, unpack
+from tunesmith.generation.fused_step import FusedStep, Segment
+from tunesmith.generation.model_group import ModelGroup
 from tunesmith.generation.padded_batch import PaddedBatch, new_cache
 from tunesmith.generation.prefix_cache import PrefixCache
 from tunesmith.generation.requests import ChoiceUpdate, Event, Failed, GenerationRequest, SamplingParams, TokenLogprob
-from tunesmith.generation.sibling_lora import group_siblings, ungroup_siblings
 from tunesmith.generation.sampling import choose_tokens, seeded_generator, token_logprobs
 from tunesmith.generation.text_stream import TextStream
 
@@ -46,54 +47,6 @@ class EngineBusy(TunesmithError):
 
 class EngineClosed(TunesmithError):
     """The engine is shutting down and takes no new requests (a 503 in the API)."""
-
-
-_group_keys = itertools.count()
-
-
-class ModelGroup:
-    """One model in memory and the rows it is decoding. With `adapter_rows` (a model whose adapters were stacked
-    by `multi_lora.stack_adapters`) each row may use a different adapter, or none."""
-
-    def __init__(self, model, adapter_rows=None):
-        self.model, self.adapter_rows = model, adapter_rows
-        self.key = next(_group_keys)  # names its prefix-cache entries; an id() could come back for a later group
-        self.device = next(model.parameters()).device
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        new_cache(model)  # refuses cache layouts the padded batch cannot handle, at load time
-        if adapter_rows is not None:  # before `pack`: the groups take the adapted layers' base weights
-            group_siblings(model, adapter_rows)
-        pack(model)  # until `unpack`: the model decodes faster but cannot train (see packed_linear)
-        self.batch = PaddedBatch()
-        self.rows: list[_Row] = []
-
-    def unpack(self) -> None:
-        """Give the model back as it was loaded (dense weights), for a caller that goes on using it."""
-        ungroup_siblings(self.model)
-        unpack(self.model)
-
-    def add_adapter(self, name: str, updates: dict) -> None:
-        """Stack one more adapter (its `multi_lora.low_rank_updates`) on this group's model; between steps only."""
-        if self.adapter_rows is None:  # a base served alone so far: its layers become stackable ones as adapters come
-            self.adapter_rows = AdapterRows({})
-        ungroup_siblings(self.model)
-        try:
-            add_stacked_adapter(self.model, self.adapter_rows, name, updates)
-        finally:  # the layers' A and B changed: sibling layers compute their updates together again
-            group_siblings(self.model, self.adapter_rows)
-
-    def remove_adapter(self, name: str) -> None:
-        """Free a stacked adapter's slot; between steps, once no row uses it."""
-        ungroup_siblings(self.model)
-        try:
-            remove_stacked_adapter(self.model, self.adapter_rows, name)
-        finally:
-            group_siblings(self.model, self.adapter_rows)
-
-    def forward(self, input_ids, adapters: list[str | None], **kwargs):
-        if self.adapter_rows is not None:
-            self.adapter_rows.select(adapters, self.device)
-        return self.model(input_ids=input_ids, use_cache=True, **kwargs)
 
 
 @dataclass
@@ -340,12 +293,18 @@ class BatchingEngine:
         self._run_calls()  # outside inference mode: they may change weights that later calls change again
         with torch.inference_mode():
             self._drop_cancelled()
+            fused = self._group_to_fuse()
             try:
-                self._prefill()
+                if fused is not None:
+                    self._decode_and_prefill(fused)
+                else:
+                    self._prefill()
             except Exception as exc:  # our bug or out of memory: that request fails, the engine goes on
                 self._fail_pending(exc)
+                if fused is not None:
+                    self._fail_group(fused, exc)
             for group in self.groups:
-                if group.rows:
+                if group.rows and group is not fused:
                     try:
                         self._decode(group)
                     except Exception as exc:
@@ -478,6 +437,66 @@ class BatchingEngine:
             self.prefixes.store((group.key, pending.route.adapter), prompt, batch.row_cache(row, group.model))
         self._join(group, batch, together, output.logits[:, -1])
         return sum(len(prompt) - p.done for prompt, p in zip(prompts, together))
+
+    def _group_to_fuse(self) -> ModelGroup | None:
+        """The group whose decode pass also prefills this step: the one the next prompt goes to, when it has
+        running rows and its model fuses steps."""
+        if self._prefilling is not None:
+            group = self._prefilling.route.group
+        else:
+            with self._wakeup:
+                if not self._waiting:
+                    return None
+                group = self.routes[self._waiting[0].request.model].group
+        return group if group.rows and group.fuses else None
+
+    def _decode_and_prefill(self, group: ModelGroup) -> None:
+        """One pass: a token for every running row of `group`, and the next prompts' tokens (within the prefill
+        budget) after them; prompts prefilled to their end join the batch (see fused_step)."""
+        import torch
+
+        if self._prefilling is None:
+            self._in_prefill = self._admit(self.prefill_chunk)
+        parts = [(p, p.handle.request.prompt_ids[p.done:]) for p in self._in_prefill]
+        if self._prefilling is not None:
+            pending = self._prefilling
+            parts = [(pending, pending.handle.request.prompt_ids[pending.done:pending.done + self.prefill_chunk])]
+        if not parts:  # nothing admitted (the batch is full)
+            self._decode(group)
+            return
+        rows, batch = group.rows, group.batch
+        inputs = batch.step_inputs()
+        padded = None if bool(inputs["attention_mask"].all()) else inputs["attention_mask"]
+        step = FusedStep(len(rows), batch.cache, padded, [Segment(p.cache, p.done, len(tokens)) for p, tokens in parts])
+        ids = [row.last_token for row in rows] + [token for _, tokens in parts for token in tokens]
+        positions = batch.positions.tolist() + [p.done + i for p, tokens in parts for i in range(len(tokens))]
+        adapters = [row.route.adapter for row in rows] + [p.route.adapter for p, tokens in parts for _ in tokens]
+        ends = list(itertools.accumulate([len(rows)] + [len(tokens) for _, tokens in parts]))
+        finishing = [i for i, (p, tokens) in enumerate(parts)
+                     if p.done + len(tokens) == len(p.handle.request.prompt_ids)]
+        keep = list(range(len(rows))) + [ends[i + 1] - 1 for i in finishing]
+        device = group.device
+        output = group.forward_fused(step, torch.tensor([ids], device=device), adapters,
+                                     torch.tensor([positions], device=device), torch.tensor(keep, device=device))
+        batch.advance()
+        logits = output.logits[0]
+        finished = self._choose_and_accept(rows, logits[:len(rows)])
+        if any(finished):
+            order = batch.remove([i for i, done in enumerate(finished) if done])
+            group.rows = [rows[i] for i in order]
+        for pending, tokens in parts:
+            pending.done += len(tokens)
+        joining = [parts[i][0] for i in finishing]
+        if self._prefilling is not None and joining:
+            self._prefilling = None
+        self._in_prefill = []
+        if joining:
+            for pending in joining:
+                self.prefixes.store((group.key, pending.route.adapter), pending.handle.request.prompt_ids,
+                                    pending.cache)
+            lengths = [len(pending.handle.request.prompt_ids) for pending in joining]
+            self._join(group, PaddedBatch.of_prefixes(group.model, [p.cache for p in joining], lengths), joining,
+                       logits[len(rows):])
 
     def _join(self, group: ModelGroup, batch: PaddedBatch, pendings: list[_Pending], logits) -> None:
         """The prompts are in `batch`: choose each choice's first token, then the unfinished choices join the

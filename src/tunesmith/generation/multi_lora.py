@@ -43,13 +43,15 @@ class AdapterRows:
         self.uniform: int | None = 0
         self.slots = None
         self.device = None
+        self.along_tokens = False
+        """Whether `select` named one adapter per token of a single sequence (a fused step) instead of per row."""
         self._masks: dict[tuple, object] = {}
 
-    def select(self, adapters: list[str | None], device) -> None:
+    def select(self, adapters: list[str | None], device, along_tokens: bool = False) -> None:
         import torch
 
         slots = [self.slot_of[name] if name else 0 for name in adapters]
-        self._masks, self.device = {}, device
+        self._masks, self.device, self.along_tokens = {}, device, along_tokens
         if len(set(slots)) == 1:
             self.uniform, self.slots = slots[0], None
         else:
@@ -62,11 +64,12 @@ class AdapterRows:
         return self.slots if self.uniform is None else torch.tensor([self.uniform], device=self.device)
 
     def columns_mask(self, blocks: tuple[tuple[int, int], ...], dtype):
-        """[rows, 1, columns] (or [1, 1, columns] when every row uses one adapter): 1 on the columns of the blocks
-        (width, owner) each row uses; made once per pass and layout."""
+        """[rows, 1, columns] (or [1, 1, columns] when every row uses one adapter; [1, tokens, columns] along tokens):
+        1 on the columns of the blocks (width, owner) each row uses; made once per pass and layout."""
         key = (blocks, dtype)
         if key not in self._masks:
-            self._masks[key] = self.used_columns(blocks, self.row_slots()).to(dtype)[:, None, :]
+            used = self.used_columns(blocks, self.row_slots()).to(dtype)
+            self._masks[key] = used[None, :, :] if self.along_tokens else used[:, None, :]
         return self._masks[key]
 
     def used_columns(self, blocks: tuple[tuple[int, int], ...], slots):
@@ -111,7 +114,7 @@ def multi_lora_layer_class():
                 return result + ((x @ self.all_a) * mask) @ self.all_b
             per_slot_a, per_slot_b = self.per_slot()
             slots = self.rows.row_slots()
-            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            flat = x.reshape(-1, 1, x.shape[-1]) if self.rows.along_tokens else x.reshape(x.shape[0], -1, x.shape[-1])
             update = torch.bmm(torch.bmm(flat, per_slot_a[slots].expand(flat.shape[0], -1, -1)),
                                per_slot_b[slots].expand(flat.shape[0], -1, -1))
             return result + update.reshape(*x.shape[:-1], update.shape[-1])

@@ -11,7 +11,8 @@ from typing import Callable
 
 from tunesmith.data.template import end_of_turn_token_ids
 from tunesmith.errors import TunesmithError
-from tunesmith.generation.engine import ModelGroup, Route
+from tunesmith.generation.engine import Route
+from tunesmith.generation.model_group import ModelGroup
 from tunesmith.generation.multi_lora import low_rank_updates, stack_adapters, unsupported_reason
 from tunesmith.models import attach_adapter, load_model, load_tokenizer, refuse_pickled_weights
 from tunesmith.machine import pick_precision

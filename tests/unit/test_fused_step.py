@@ -13,9 +13,12 @@ from tunesmith.generation.requests import ChoiceUpdate, GenerationRequest, Sampl
 from tunesmith.models import load_model
 from tunesmith.serve.engine import ServingEngine
 
-PROMPTS = [[5, 9, 13, 17, 21, 25, 29, 33], [6, 10], [7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47, 51], [8, 12, 16],
-           [5, 9, 13, 17, 21, 40, 41], [44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60]]
-LIMITS = [9, 4, 14, 6, 11, 8]
+SHARED = list(range(20, 38))  # 18 tokens: a later prompt starting with them reuses their cached keys
+PROMPTS = [[5, 9, 13, 17, 21, 25, 29, 33], [6, 10], [7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47, 51], SHARED + [8, 12],
+           [5, 9, 13, 17, 21, 40, 41], SHARED + [44, 45, 46], [50, 51, 52], [60, 61, 62, 63, 64, 65, 66]]
+LIMITS = [9, 4, 14, 6, 11, 8, 1, 7]
+SAMPLED = 7
+"""This prompt asks for two sampled choices (seeded): they join from one prefill, as rows sharing its cache."""
 
 
 def answers(batching: BatchingEngine, models: list[str]) -> tuple[list[list[int]], int]:
@@ -33,7 +36,9 @@ def answers(batching: BatchingEngine, models: list[str]) -> tuple[list[list[int]
     ModelGroup.forward_fused = counted
     try:
         for index, (ids, limit) in enumerate(zip(PROMPTS, LIMITS)):
-            batching.submit(GenerationRequest(models[index % len(models)], ids, SamplingParams(max_tokens=limit)),
+            sampled = index == SAMPLED
+            params = SamplingParams(max_tokens=limit, temperature=1.0 if sampled else 0.0, seed=3 if sampled else None)
+            batching.submit(GenerationRequest(models[index % len(models)], ids, params, n=2 if sampled else 1),
                             events[index].append)
             if index % 2:
                 for _ in range(3):
@@ -41,8 +46,10 @@ def answers(batching: BatchingEngine, models: list[str]) -> tuple[list[list[int]
         batching.run_until_done()
     finally:
         ModelGroup.forward_fused = original
-    texts = ["".join(e.text for e in got if isinstance(e, ChoiceUpdate)) for got in events]
-    assert all(isinstance(got[-1], ChoiceUpdate) and got[-1].finish_reason for got in events)
+    texts = [["".join(e.text for e in got if isinstance(e, ChoiceUpdate) and e.index == choice) for choice in (0, 1)]
+             for got in events]
+    assert all(sum(1 for e in got if isinstance(e, ChoiceUpdate) and e.finish_reason) == (2 if i == SAMPLED else 1)
+               for i, got in enumerate(events))
     return texts, fused_passes
 
 
@@ -59,7 +66,9 @@ def test_a_base_answers_the_same_with_prompts_prefilled_in_its_decode_passes(tin
     assert group.fuses
     route = Route(group, None, frozenset({tokenizer.eos_token_id}),
                   Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()))
-    fused, fused_passes = answers(BatchingEngine({"tiny": route}, max_batch=4, prefill_chunk=prefill_chunk), ["tiny"])
+    batching = BatchingEngine({"tiny": route}, max_batch=4, prefill_chunk=prefill_chunk)
+    fused, fused_passes = answers(batching, ["tiny"])
+    assert batching.prefixes.reused_tokens >= len(SHARED)  # a prompt after its cached start, in a fused pass
     group.fuses = False
     separate, none = answers(BatchingEngine({"tiny": route}, max_batch=4, prefill_chunk=prefill_chunk), ["tiny"])
     assert fused_passes >= 3 and none == 0
@@ -77,7 +86,7 @@ def test_adapters_mixed_in_a_batch_answer_the_same_with_fused_prefill(two_versio
     separate, _ = answers(BatchingEngine(routes, max_batch=4, prefill_chunk=256), models)
     assert fused_passes >= 3
     assert fused == separate
-    assert len(set(fused)) > 1
+    assert len({choices[0] for choices in fused}) > 1
 
 
 def test_a_model_whose_fused_pass_differs_keeps_separate_passes(tiny_model_dir, monkeypatch):

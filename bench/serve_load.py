@@ -7,7 +7,8 @@ Baselines in the same invocation: the old one-at-a-time `tunesmith serve` (a git
 bf16 on CPUs with bf16 instructions) and, as "tunesmith fp32", at the old server's. Each row prints output tokens/s
 and its ratio to the old server, p50/p99 latency, p50 time to first token and the share of answers identical to the old server's one-at-a-time greedy answers; then
 the 4-adapter throughput as a ratio of the single-adapter one, and the server's RSS with 1 vs 4 adapters (once loaded,
-and after serving).
+and after serving). `--compare-commit C` adds tunesmith as of commit C (1 adapter and 4, from a git worktree), so a
+change to the engine is measured against its parent in the same invocation.
 Run (under the shared bench lock), after `tunesmith run examples/quickstart/config.yaml`:
     flock /tmp/tunesmith-bench.lock .venv/bin/python bench/serve_load.py --run runs/quickstart
 """
@@ -377,11 +378,11 @@ def print_table(rows: list[dict]) -> None:
     def show(value, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    print(f"\n{'engine':<24} {'clients':>7} {'answers':>7} {'tok/s':>7} {'x old':>6} {'p50 s':>6} {'p99 s':>6} "
+    print(f"\n{'engine':<30} {'clients':>7} {'answers':>7} {'tok/s':>7} {'x old':>6} {'p50 s':>6} {'p99 s':>6} "
           f"{'TTFT50':>6} {'identical':>9} {'load':>5}")
     for row in rows:
         identical = f"{show(row['identical_share'], '.0%')}/{row['identical_compared']}"
-        print(f"{row['engine']:<24} {row['clients']:>7} {row['answered']:>7} {row['tokens_per_s']:>7.1f} "
+        print(f"{row['engine']:<30} {row['clients']:>7} {row['answered']:>7} {row['tokens_per_s']:>7.1f} "
               f"{show(row['ratio_to_old'], '.2f'):>6} {show(row['p50_latency_s'], '.2f'):>6} "
               f"{show(row['p99_latency_s'], '.2f'):>6} {show(row['p50_ttft_s'], '.2f'):>6} {identical:>9} "
               f"{show(row['load_average'], '.1f'):>5}"
@@ -402,6 +403,13 @@ def report(loads: list[Load], rss: dict[int, tuple[float, float] | None], args) 
     if single and mixed and single["answered"] and mixed["answered"] and not mixed["error"]:
         summary["four_adapters_ratio"] = round(mixed["tokens_per_s"] / single["tokens_per_s"], 2)
         print(f"RATIO 4 adapters / 1 adapter throughput = {summary['four_adapters_ratio']:.2f}x")
+    if args.compare_commit:
+        for name in ("tunesmith", "tunesmith 4 adapters"):
+            now = next((r for r in rows if r["engine"] == name and r["clients"] > 1), None)
+            earlier_name = name.replace("tunesmith", f"tunesmith @{args.compare_commit}")
+            earlier = next((r for r in rows if r["engine"] == earlier_name), None)
+            if now and earlier and now["answered"] and earlier["answered"]:
+                print(f"RATIO {name} / {earlier_name} = {now['tokens_per_s'] / earlier['tokens_per_s']:.2f}x")
     for count, mib in rss.items():
         print(f"RSS tunesmith server, {count} adapter(s): " +
               (f"{mib[0]:.0f} MiB loaded, {mib[1]:.0f} MiB after serving" if mib else "- (server failed)"))
@@ -426,6 +434,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--old-commit", default="0df37e4", help="the one-at-a-time server's commit")
     parser.add_argument("--llama-server", default=None, help="llama-server binary (default: from PATH)")
     parser.add_argument("--engines", nargs="*", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--compare-commit", default=None,
+                        help="also run tunesmith of this commit (1 adapter and 4), to measure a change in one invocation")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     return parser.parse_args()
 
@@ -456,7 +466,27 @@ def bench_tunesmith(args, prompts: list[list[dict]], scratch: Path) -> tuple[lis
         found, rss[4] = measure("tunesmith 4 adapters", [*serve, *map(str, runs)], [concurrent], prompts, args,
                                 scratch / "adapters.log", models=[Run.open(r).name for r in runs])
         loads += found
+    if args.compare_commit:
+        loads += bench_earlier_commit(args, prompts, scratch)
     return loads, rss
+
+
+def bench_earlier_commit(args, prompts: list[list[dict]], scratch: Path) -> list[Load]:
+    """tunesmith as of --compare-commit (a worktree), with 1 adapter and with 4, after the current rows."""
+    from tunesmith.registry.run import Run
+
+    serve, label = [sys.executable, "-m", "tunesmith", "serve"], f"tunesmith @{args.compare_commit}"
+    loads = []
+    with old_checkout(args.compare_commit, scratch / "earlier-worktree") as earlier_src:
+        env = {"PYTHONPATH": str(earlier_src)}
+        runs = [old_run_dir(run, earlier_src, scratch / f"earlier-run-{n}")
+                for n, run in enumerate(adapter_copies(args.run, scratch / "earlier-copies", 4))]
+        names = [Run.open(run).name for run in runs]
+        loads += measure(label, [*serve, str(runs[0])], [(args.clients, args.requests)], prompts, args,
+                         scratch / "earlier.log", env=env)[0]
+        loads += measure(f"{label} 4 adapters", [*serve, *map(str, runs)], [(args.clients, args.requests)], prompts,
+                         args, scratch / "earlier-adapters.log", models=names, env=env)[0]
+    return loads
 
 
 def bench_baselines(args, prompts: list[list[dict]], scratch: Path) -> list[Load]:

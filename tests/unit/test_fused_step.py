@@ -104,3 +104,28 @@ def test_a_model_whose_fused_pass_differs_keeps_separate_passes(tiny_model_dir, 
     assert model.config._attn_implementation == fused_step.ATTENTION
     fused_step.disable_fused_steps(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_failed_fused_pass_fails_its_rows_and_prompts_and_the_engine_goes_on(tiny_model_dir, monkeypatch):
+    from tokenizers import Tokenizer
+
+    from tunesmith.generation.engine import Route
+    from tunesmith.generation.requests import Failed
+    from tunesmith.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    group = ModelGroup(load_model(tiny_model_dir))
+    route = Route(group, None, frozenset(), Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()))
+    batching = BatchingEngine({"tiny": route}, max_batch=4)
+    events = [[] for _ in range(3)]
+    batching.submit(GenerationRequest("tiny", PROMPTS[0], SamplingParams(max_tokens=20)), events[0].append)
+    batching.step()  # the first prompt decodes
+    monkeypatch.setattr(ModelGroup, "forward_fused", lambda *args, **kwargs: 1 / 0)
+    batching.submit(GenerationRequest("tiny", PROMPTS[1], SamplingParams(max_tokens=20)), events[1].append)
+    batching.step()  # its decode pass would have prefilled the second
+    monkeypatch.undo()
+    batching.submit(GenerationRequest("tiny", PROMPTS[2], SamplingParams(max_tokens=5)), events[2].append)
+    batching.run_until_done()
+    assert [type(got[-1]) for got in events] == [Failed, Failed, ChoiceUpdate]
+    assert events[0][-1].reason == events[1][-1].reason == "error"
+    assert events[2][-1].finish_reason == "length" and not batching.has_work() and not group.rows

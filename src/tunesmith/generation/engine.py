@@ -487,9 +487,6 @@ class BatchingEngine:
         for pending, tokens in parts:
             pending.done += len(tokens)
         joining = [parts[i][0] for i in finishing]
-        if self._prefilling is not None and joining:
-            self._prefilling = None
-        self._in_prefill = []
         if joining:
             for pending in joining:
                 self.prefixes.store((group.key, pending.route.adapter), pending.handle.request.prompt_ids,
@@ -497,6 +494,9 @@ class BatchingEngine:
             lengths = [len(pending.handle.request.prompt_ids) for pending in joining]
             self._join(group, PaddedBatch.of_prefixes(group.model, [p.cache for p in joining], lengths), joining,
                        logits[len(rows):])
+            if self._prefilling is not None:  # only now: should joining fail, its request fails with the rest
+                self._prefilling = None
+        self._in_prefill = []
 
     def _join(self, group: ModelGroup, batch: PaddedBatch, pendings: list[_Pending], logits) -> None:
         """The prompts are in `batch`: choose each choice's first token, then the unfinished choices join the

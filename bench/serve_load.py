@@ -263,8 +263,8 @@ def old_checkout(commit: str, target: Path):
     added = subprocess.run(["git", "worktree", "add", "--detach", str(target), commit], cwd=ROOT,
                            capture_output=True, text=True)
     if added.returncode:
-        raise SystemExit(f"git worktree add {commit} failed: {added.stderr.strip()}; pass --old-commit or "
-                         "--engines without old")
+        raise SystemExit(f"git worktree add {commit} failed: {added.stderr.strip()}; pass another --old-commit "
+                         "(or --engines without old) or --compare-commit")
     try:
         yield target / "src"
     finally:

@@ -129,3 +129,12 @@ def test_a_failed_fused_pass_fails_its_rows_and_prompts_and_the_engine_goes_on(t
     assert [type(got[-1]) for got in events] == [Failed, Failed, ChoiceUpdate]
     assert events[0][-1].reason == events[1][-1].reason == "error"
     assert events[2][-1].finish_reason == "length" and not batching.has_work() and not group.rows
+
+
+@pytest.mark.parametrize("setting, value", [("sliding_window", 8), ("rope_parameters", {"rope_type": "dynamic",
+                                                                                         "factor": 2.0})])
+def test_sliding_windows_and_length_dependent_rotary_keep_separate_passes(tiny_model_dir, setting, value):
+    model = load_model(tiny_model_dir)
+    setattr(model.config, setting, value)
+    assert not fused_step.enable_fused_steps(model)
+    assert model.config._attn_implementation == "sdpa"

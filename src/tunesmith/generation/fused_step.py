@@ -94,10 +94,12 @@ def fused_forward(model, step: FusedStep, input_ids, position_ids, logits_to_kee
 
 
 def enable_fused_steps(model, select_rows=None) -> bool:
-    """Let `model` run fused steps when its attention is SDPA over full (not sliding) windows and a calibration step
-    matches separate passes; True when it does. `select_rows(adapters, along_tokens)` picks adapter rows first."""
+    """Let `model` run fused steps when its attention is SDPA over full (not sliding) windows, its rotary embeddings
+    do not rescale with length, and a calibration step matches separate passes; True when it does. `select_rows(adapters, along_tokens)` picks adapter rows first."""
     config = model.config
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", ATTENTION) or not _full_attention_only(config):
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", ATTENTION):
+        return False
+    if not _positions_stay_per_token(config):
         return False
     _register()
     config._attn_implementation = ATTENTION
@@ -133,10 +135,16 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # outside fused steps its masks are SDPA's
 
 
-def _full_attention_only(config) -> bool:
+def _positions_stay_per_token(config) -> bool:
+    """Full attention (no sliding windows, which the fused attention does not apply) and rotary embeddings that do not
+    rescale with the longest position in the pass ("dynamic", "longrope": a prompt's tokens would see another scale
+    beside long rows than alone; short calibration prompts would not show it)."""
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    return not sliding and all(kind == "full_attention" for kind in layer_types)
+    scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    rope_type = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
+    return not sliding and all(kind == "full_attention" for kind in layer_types) \
+        and rope_type not in ("dynamic", "longrope")
 
 
 def _causal_after(done: int, length: int, device):

@@ -11,6 +11,7 @@ def serve_command(references: list[str], config: Path | None, base: bool | None,
                   host: str | None, port: int | None) -> int:
     """Serve `references` (or the config's `serve.models`) until interrupted; the exit code."""
     from tunesmith.config import ServeConfig, load_run_config, load_serve_config
+    from tunesmith.serve.app import check_port_number
 
     if config is not None:
         settings = load_serve_config(config)
@@ -46,13 +47,6 @@ def serve_command(references: list[str], config: Path | None, base: bool | None,
 
         return launch_llama_server(targets, host, port, serve_base)
     raise TunesmithError(f"--engine {engine}: unknown; use native, vllm or llamacpp")
-
-
-def check_port_number(port: int) -> None:
-    """Refuse a port no socket can have before anything slow starts (models load for half a minute)."""
-    if not 1 <= port <= 65535:
-        raise TunesmithError(f"port {port} is out of range: pass --port (or set serve.port to) a number from 1 to "
-                             "65535, such as 8000")
 
 
 def fine_tuning_api(settings):

@@ -418,10 +418,8 @@ class BatchingEngine:
         output = route.group.forward(ids, [route.adapter], past_key_values=pending.cache, logits_to_keep=1)
         pending.done += len(chunk)
         if pending.done == len(prompt):
-            self._prefilling = None
-            self.prefixes.store((route.group.key, route.adapter), prompt, pending.cache)
-            self._join(route.group, PaddedBatch.of_prefixes(route.group.model, [pending.cache], [len(prompt)]),
-                       [pending], output.logits[:, -1])
+            self._join_prefilled(route.group, [pending], output.logits[:, -1])
+            self._prefilling = None  # only now: should joining fail, its request fails with the rest
         return len(chunk)
 
     def _prefill_together(self, together: list[_Pending]) -> int:
@@ -480,23 +478,22 @@ class BatchingEngine:
                                      torch.tensor([positions], device=device), torch.tensor(keep, device=device))
         batch.advance()
         logits = output.logits[0]
-        finished = self._choose_and_accept(rows, logits[:len(rows)])
-        if any(finished):
-            order = batch.remove([i for i, done in enumerate(finished) if done])
-            group.rows = [rows[i] for i in order]
+        self._accept_decoded(group, logits[:len(rows)])
         for pending, tokens in parts:
             pending.done += len(tokens)
         joining = [parts[i][0] for i in finishing]
         if joining:
-            for pending in joining:
-                self.prefixes.store((group.key, pending.route.adapter), pending.handle.request.prompt_ids,
-                                    pending.cache)
-            lengths = [len(pending.handle.request.prompt_ids) for pending in joining]
-            self._join(group, PaddedBatch.of_prefixes(group.model, [p.cache for p in joining], lengths), joining,
-                       logits[len(rows):])
+            self._join_prefilled(group, joining, logits[len(rows):])
             if self._prefilling is not None:  # only now: should joining fail, its request fails with the rest
                 self._prefilling = None
         self._in_prefill = []
+
+    def _join_prefilled(self, group: ModelGroup, pendings: list[_Pending], logits) -> None:
+        """Prompts whose own caches now hold all their tokens: remembered by the prefix cache, then joined."""
+        for pending in pendings:
+            self.prefixes.store((group.key, pending.route.adapter), pending.handle.request.prompt_ids, pending.cache)
+        lengths = [len(pending.handle.request.prompt_ids) for pending in pendings]
+        self._join(group, PaddedBatch.of_prefixes(group.model, [p.cache for p in pendings], lengths), pendings, logits)
 
     def _join(self, group: ModelGroup, batch: PaddedBatch, pendings: list[_Pending], logits) -> None:
         """The prompts are in `batch`: choose each choice's first token, then the unfinished choices join the
@@ -528,7 +525,11 @@ class BatchingEngine:
         ids = torch.tensor([[row.last_token] for row in group.rows], dtype=torch.long, device=group.device)
         output = group.forward(ids, [row.route.adapter for row in group.rows], **inputs)
         group.batch.advance()
-        finished = self._choose_and_accept(group.rows, output.logits[:, -1])
+        self._accept_decoded(group, output.logits[:, -1])
+
+    def _accept_decoded(self, group: ModelGroup, logits) -> None:
+        """Each running row's next token from its row of `logits`; finished rows leave the batch."""
+        finished = self._choose_and_accept(group.rows, logits)
         if any(finished):
             order = group.batch.remove([i for i, done in enumerate(finished) if done])
             group.rows = [group.rows[i] for i in order]

@@ -254,9 +254,7 @@ def check_can_listen(host: str, port: int) -> None:
     import errno
     import socket
 
-    if not 1 <= port <= 65535:
-        raise TunesmithError(f"port {port} is out of range: pass --port (or set serve.port to) a number from 1 to "
-                             "65535, such as 8000")
+    check_port_number(port)
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
@@ -270,3 +268,10 @@ def check_can_listen(host: str, port: int) -> None:
                                  "above 1023, such as 8000") from None
         raise TunesmithError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pass --host with an address "
                              "of this machine, such as 127.0.0.1") from None
+
+
+def check_port_number(port: int) -> None:
+    """Refuse a port no socket can have before anything slow starts (models load for half a minute)."""
+    if not 1 <= port <= 65535:
+        raise TunesmithError(f"port {port} is out of range: pass --port (or set serve.port to) a number from 1 to "
+                             "65535, such as 8000")
